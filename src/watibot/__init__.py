@@ -1,0 +1,1 @@
+"""watibot: an AI agent behind a WhatsApp (WATI) number, coordinated by PostgreSQL."""

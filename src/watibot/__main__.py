@@ -1,0 +1,3 @@
+from watibot.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The ASGI app factory: settings, pool, clients and the sweeper are built in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from watibot import db
+from watibot.clients import WatiClient, build_agent, http_client
+from watibot.ingest import router as ingest_router
+from watibot.logs import configure_logging
+from watibot.pipeline import Pipeline
+from watibot.repository import Repository
+from watibot.settings import Settings, load_settings
+from watibot.sweeper import Sweeper, new_owner_id
+
+log = logging.getLogger("watibot.app")
+
+PASSKEY_SECRET = "webhook_passkey"
+
+
+async def resolve_passkey(settings: Settings, repository: Repository) -> bytes:
+    """The configured passkey, or the one generated on first start and kept in the database."""
+    if settings.webhook_passkey is not None:
+        return settings.webhook_passkey.get_secret_value().encode()
+    value = await repository.get_or_create_secret(PASSKEY_SECRET, secrets.token_urlsafe(32))
+    log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
+                "(`watibot webhook-url` prints the URL to give WATI)")
+    return value.encode()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Nothing connects until the lifespan starts."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        active = settings or load_settings()
+        configure_logging(active.log_level)
+        url = db.resolve_database_url(active)
+        await db.wait_for_database(url, active.db_startup_timeout_seconds)
+        pool = await db.create_pool(active, url)
+        outbound = http_client(max(active.wati_timeout_seconds, active.agent_timeout_seconds),
+                               active.concurrency * 2)
+        wati_http = http_client(active.wati_timeout_seconds, active.concurrency)
+        repository = Repository(pool, active)
+        app.state.settings = active
+        app.state.repository = repository
+        app.state.passkey = await resolve_passkey(active, repository)
+        app.state.sweeper = None
+        if active.sweeper:
+            pipeline = Pipeline(active, repository, build_agent(active, outbound), WatiClient(active, wati_http))
+            app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id())
+            app.state.sweeper.start()
+            log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
+        try:
+            yield
+        finally:
+            if app.state.sweeper is not None:
+                await app.state.sweeper.stop()
+            await outbound.aclose()
+            await wati_http.aclose()
+            await pool.close()
+
+    app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)
+    app.include_router(ingest_router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "Not ready; the body says why"}})
+    async def readyz() -> JSONResponse:
+        """Ready: database reachable, schema at the expected revision, sweeper alive in this worker."""
+        problems = []
+        try:
+            revision = await app.state.repository.schema_revision()
+            if revision != db.SCHEMA_REVISION:
+                problems.append(f"schema at {revision}, expected {db.SCHEMA_REVISION}")
+        except db.DatabaseUnavailable:
+            problems.append("database unavailable")
+        sweeper = app.state.sweeper
+        if sweeper is not None and not sweeper.alive:
+            problems.append("sweeper not running")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return app

@@ -1,0 +1,139 @@
+"""`POST /webhook`: authenticate, parse, store with one committed statement, answer.
+
+Nothing slow happens here: no agent call, no WATI call. The answer is 200 only after the message is committed;
+any doubt about the database is a 503, which WATI retries (every 10 minutes, for about a day).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from watibot.db import DatabaseUnavailable
+from watibot.payload import CustomerMessage, PayloadError, decode_body, parse_event
+
+log = logging.getLogger("watibot.ingest")
+router = APIRouter()
+
+PASSKEY_HEADER = "X-Watibot-Passkey"
+
+_WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "A WATI webhook event (see WATI's docs); extra fields are kept.",
+                    "properties": {
+                        "eventType": {"type": "string", "example": "message"},
+                        "whatsappMessageId": {"type": "string"},
+                        "id": {"type": "string"},
+                        "waId": {"type": "string", "pattern": "^[0-9]{5,20}$"},
+                        "bsuid": {"type": "string"},
+                        "owner": {"type": "boolean"},
+                        "type": {"type": "string"},
+                        "text": {"type": ["string", "null"]},
+                        "timestamp": {"type": ["string", "number"]},
+                        "channelPhoneNumber": {"type": "string"},
+                        "passkey": {"type": "string"},
+                    },
+                    "required": ["eventType"],
+                }
+            }
+        },
+    }
+}
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    """The body exceeded the configured limit."""
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, stopping as soon as it passes `limit` bytes, whatever Content-Length claimed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _passkey_matches(given: object, expected: bytes) -> bool:
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
+
+
+@router.post(
+    "/webhook",
+    openapi_extra=_WEBHOOK_BODY_SCHEMA,
+    responses={
+        200: {"description": 'Stored or acknowledged: {"status": "buffered" | "duplicate" | "ignored"}'},
+        401: {"description": "Missing or wrong passkey"},
+        413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
+        415: {"description": "Content-Type is not JSON"},
+        422: {"description": "Not a usable WATI event; the detail says why"},
+        503: {"description": "Database unavailable; nothing was stored, retry later"},
+    },
+)
+async def webhook(request: Request) -> JSONResponse:
+    """Receive one WATI event."""
+    state = request.app.state
+    expected: bytes = state.passkey
+    limit: int = state.settings.webhook_max_body_bytes
+
+    presented = request.query_params.get("passkey") or request.headers.get(PASSKEY_HEADER)
+    if presented is not None and not _passkey_matches(presented, expected):
+        return _error(401, "missing or wrong passkey")
+    content_type = request.headers.get("content-type", "application/json").lower()
+    if "json" not in content_type:
+        return _error(415, "Content-Type must be application/json")
+    try:
+        body = await _read_limited(request, limit)
+    except BodyTooLarge:
+        return _error(413, f"body larger than {limit} bytes")
+    try:
+        event = decode_body(body)
+    except PayloadError as error:
+        if presented is None:
+            return _error(401, "missing or wrong passkey")
+        return _error(422, str(error))
+    if presented is None and not _passkey_matches(event.pop("passkey", None), expected):
+        return _error(401, "missing or wrong passkey")
+    event.pop("passkey", None)  # a secret: never stored with the payload
+
+    try:
+        parsed = parse_event(event)
+    except PayloadError as error:
+        return _error(422, str(error))
+    if not isinstance(parsed, CustomerMessage):
+        log.debug("ignored event %s", parsed.event_type)
+        return JSONResponse({"status": "ignored"})
+    try:
+        result = await state.repository.ingest(parsed)
+    except DatabaseUnavailable as error:
+        log.warning("webhook refused, database unavailable: %s", error)
+        return _error(503, "database unavailable; nothing was stored, retry later", {"Retry-After": "5"})
+    if result.duplicate:
+        log.debug("duplicate delivery %s", parsed.provider_message_id)
+        return JSONResponse({"status": "duplicate"})
+    sweeper = getattr(state, "sweeper", None)
+    if sweeper is not None:
+        sweeper.hint(result.wait_seconds)
+    log.debug("buffered %s for %s/%s", parsed.provider_message_id, parsed.channel, parsed.customer)
+    return JSONResponse({"status": "buffered"})

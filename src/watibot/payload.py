@@ -1,0 +1,151 @@
+"""Parsing of WATI webhook bodies: pure functions, no I/O.
+
+Parsing is tolerant of extra and missing optional fields (WATI adds fields over time) and strict about what a
+customer message cannot do without: a message id, a customer id and a usable timestamp.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+CUSTOMER_EVENTS = frozenset({"message", "message_bsuid"})
+_DIGITS = re.compile(r"^[0-9]{5,20}$")
+MAX_ID_LENGTH = 512
+# Unix seconds between 2000 and 2100: anything else is not a WATI timestamp.
+_MIN_TIMESTAMP, _MAX_TIMESTAMP = 946_684_800, 4_102_444_800
+
+
+class PayloadError(ValueError):
+    """The body is not a usable WATI event; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMessage:
+    """A message a customer sent, ready to be buffered."""
+
+    channel: str
+    customer: str
+    wa_id: str | None
+    provider_message_id: str
+    wati_id: str | None
+    type: str
+    text: str | None
+    wati_timestamp: datetime | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OtherEvent:
+    """Any other WATI event: acknowledged, not buffered."""
+
+    event_type: str
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Decode a webhook body into a JSON object, or raise `PayloadError`."""
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError:
+        raise PayloadError("body is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise PayloadError(f"body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise PayloadError("body is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise PayloadError(f"body must be a JSON object, not {type(value).__name__}")
+    return _without_nul(value)
+
+
+def _without_nul(value: Any) -> Any:
+    """Replace NUL characters, which PostgreSQL text cannot hold, with U+FFFD: keep the message, lose no text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
+
+
+def _optional_string(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise PayloadError(f"field '{field}' must be a string")
+    text = str(value).strip()
+    if len(text) > MAX_ID_LENGTH:
+        raise PayloadError(f"field '{field}' is longer than {MAX_ID_LENGTH} characters")
+    return text or None
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """WATI sends unix seconds as a string; accept a number too. Missing or empty: None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise PayloadError("field 'timestamp' must be unix seconds")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise PayloadError("field 'timestamp' must be unix seconds (a number or a string of digits)") from None
+    if not _MIN_TIMESTAMP <= seconds <= _MAX_TIMESTAMP:
+        raise PayloadError("field 'timestamp' is out of range for unix seconds")
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def parse_event(body: dict[str, Any]) -> CustomerMessage | OtherEvent:
+    """Classify a decoded webhook body: a customer message to buffer, or another event to acknowledge."""
+    event_type = body.get("eventType")
+    if not isinstance(event_type, str) or not event_type:
+        raise PayloadError("missing field 'eventType'")
+    owner = body.get("owner", False)
+    if not isinstance(owner, bool):
+        raise PayloadError("field 'owner' must be true or false")
+    if event_type not in CUSTOMER_EVENTS or owner:
+        return OtherEvent(event_type)
+
+    provider_message_id = _optional_string(body, "whatsappMessageId") or _optional_string(body, "id")
+    if provider_message_id is None:
+        raise PayloadError("missing field 'whatsappMessageId' (and no 'id' to fall back on)")
+    wa_id = _optional_string(body, "waId")
+    if wa_id is not None and not _DIGITS.match(wa_id):
+        raise PayloadError("field 'waId' must be the customer's number: 5 to 20 digits, no '+'")
+    customer = _optional_string(body, "bsuid") or wa_id
+    if customer is None:
+        raise PayloadError("missing field 'waId' (or 'bsuid')")
+    message_type = _optional_string(body, "type") or "text"
+    text = body.get("text")
+    if text is not None and not isinstance(text, str):
+        raise PayloadError("field 'text' must be a string or null")
+    channel = _optional_string(body, "channelPhoneNumber") or ""
+    return CustomerMessage(
+        channel=channel,
+        customer=customer,
+        wa_id=wa_id,
+        provider_message_id=provider_message_id,
+        wati_id=_optional_string(body, "id"),
+        type=message_type,
+        text=text,
+        wati_timestamp=parse_timestamp(body.get("timestamp")),
+        payload=body,
+    )
+
+
+def describe(message_type: str, text: str | None, data: Any) -> str:
+    """How one message reads in the agent's prompt: text as is; other types by type, caption and reference."""
+    if message_type == "text":
+        return text or ""
+    parts = [f"[{message_type}"]
+    if isinstance(data, str) and data:
+        parts.append(f": {data}")
+    elif isinstance(data, dict) and data:
+        parts.append(": " + json.dumps(data, ensure_ascii=False, sort_keys=True)[:500])
+    parts.append("]")
+    if text:
+        parts.append(f" {text}")
+    return "".join(parts)

@@ -1,0 +1,170 @@
+"""One burst, start to end: agent, then WATI, with every step fenced by the claim."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from watibot.clients import (
+    Agent,
+    AgentError,
+    AgentMessage,
+    AgentRequest,
+    SendRejected,
+    SendUnknown,
+    WatiClient,
+    split_text,
+)
+from watibot.db import DatabaseUnavailable, LeaseLost
+from watibot.payload import describe
+from watibot.repository import Burst, Claim, Closed, Repository
+from watibot.settings import Settings
+
+log = logging.getLogger("watibot.pipeline")
+
+
+def build_prompt(messages: list[AgentMessage]) -> str:
+    """The burst as one text: each message on its own line, in order."""
+    return "\n".join(message.description for message in messages)
+
+
+def local_message_id(burst_id: int, part: int, parts: int) -> str:
+    """The `localMessageId` of one sent part: the burst id, with `.N` when the reply has several parts."""
+    return str(burst_id) if parts == 1 else f"{burst_id}.{part + 1}"
+
+
+class Pipeline:
+    """Processes claimed conversations."""
+
+    def __init__(
+        self, settings: Settings, repository: Repository, agent: Agent, wati: WatiClient,
+        schedule_hint: Callable[[float | None], None] = lambda wait: None,
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.agent = agent
+        self.wati = wati
+        self.schedule_hint = schedule_hint
+
+    def backoff(self, attempts: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter, at least what the server asked for."""
+        base = self.settings.retry_base_seconds * 2 ** max(0, attempts - 1)
+        delay = min(self.settings.retry_max_seconds, base) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+        return max(delay, retry_after or 0.0)
+
+    async def process(self, claim: Claim) -> None:
+        """Run one claimed conversation to a committed outcome, or leave it for the lease to hand over."""
+        context = {"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence}
+        try:
+            begun = await self.repository.begin_burst(claim)
+        except (LeaseLost, DatabaseUnavailable) as error:
+            log.warning("could not begin burst: %s", error, extra=context)
+            return
+        if isinstance(begun, Closed):
+            if begun.reason != "empty":
+                log.warning("burst closed as %s before processing", begun.reason, extra=context)
+            self.schedule_hint(begun.wait_seconds)
+            return
+        burst = begun
+        context["burst"] = burst.id
+        if claim.previous_owner is not None:
+            log.info("took over from %s (lease expired)", claim.previous_owner, extra=context)
+        sending = False
+        try:
+            parts = await self._reply_parts(claim, burst)
+            if parts is None:
+                return
+            sending = True
+            for part in range(burst.parts_sent, len(parts)):
+                await self.repository.mark_sending(claim, burst, part)
+                try:
+                    await self.wati.send_text(
+                        claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+                    )
+                except SendRejected:
+                    await self.repository.clear_sending(claim, burst)
+                    raise
+                await self.repository.mark_part_sent(claim, burst, part)
+            sending = False
+            wait = await self.repository.complete(claim, burst, "sent")
+            log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
+            self.schedule_hint(wait)
+        except SendUnknown as error:
+            log.error("send outcome unknown, burst needs attention: %s", error, extra=context)
+            await self._close(claim, burst, "attention", str(error), context)
+        except (AgentError, SendRejected) as error:
+            await self._failed(claim, burst, error, context)
+        except LeaseLost:
+            log.warning("lost the claim; another worker owns the conversation now", extra=context)
+        except DatabaseUnavailable as error:
+            log.error("database unavailable mid-burst (%s); the lease will hand it over", error, extra=context)
+        except asyncio.CancelledError:
+            if not sending:
+                await self._hand_back(claim, burst, context)
+            raise
+
+    async def _reply_parts(self, claim: Claim, burst: Burst) -> list[str] | None:
+        """The reply to send (asking the agent unless a previous attempt recorded one); None if done already."""
+        if burst.reply is not None:
+            return split_text(burst.reply)
+        messages = [
+            AgentMessage(
+                id=message.id,
+                whatsapp_message_id=message.provider_message_id,
+                type=message.type,
+                text=message.text,
+                timestamp=message.wati_timestamp.isoformat() if message.wati_timestamp else None,
+                description=describe(message.type, message.text, message.data),
+            )
+            for message in burst.messages
+        ]
+        request = AgentRequest(
+            conversation=f"{claim.channel}/{claim.customer}", wa_id=claim.wa_id, burst_id=burst.id,
+            messages=messages, prompt=build_prompt(messages),
+        )
+        started = datetime.now(UTC)
+        try:
+            async with asyncio.timeout(self.settings.agent_timeout_seconds):
+                reply = await self.agent.reply(request)
+        except TimeoutError:
+            raise AgentError(f"agent did not answer within {self.settings.agent_timeout_seconds:g} s") from None
+        if reply is None or not reply.strip():
+            wait = await self.repository.complete(claim, burst, "no_reply", request.prompt, started)
+            self.schedule_hint(wait)
+            return None
+        parts = split_text(reply)
+        await self.repository.record_reply(claim, burst, request.prompt, reply, len(parts), started)
+        return parts
+
+    async def _failed(
+        self, claim: Claim, burst: Burst, error: AgentError | SendRejected, context: dict[str, object]
+    ) -> None:
+        if error.permanent or burst.attempts >= self.settings.max_attempts:
+            reason = str(error) if error.permanent else f"gave up after {burst.attempts} attempts: {error}"
+            log.error("burst dead: %s", reason, extra=context)
+            await self._close(claim, burst, "dead", reason, context)
+            return
+        delay = self.backoff(burst.attempts, error.retry_after)
+        log.warning("attempt %d failed (%s); retrying in %.1f s", burst.attempts, error, delay, extra=context)
+        try:
+            await self.repository.retry_later(claim, burst, str(error), delay)
+            self.schedule_hint(delay)
+        except (LeaseLost, DatabaseUnavailable) as db_error:
+            log.warning("could not schedule retry: %s", db_error, extra=context)
+
+    async def _close(self, claim: Claim, burst: Burst, status: str, reason: str, context: dict[str, object]) -> None:
+        try:
+            self.schedule_hint(await self.repository.give_up(claim, burst, status, reason))
+        except (LeaseLost, DatabaseUnavailable) as db_error:
+            log.warning("could not mark burst %s: %s", status, db_error, extra=context)
+
+    async def _hand_back(self, claim: Claim, burst: Burst, context: dict[str, object]) -> None:
+        try:
+            # wait_for, not asyncio.timeout: this runs while the task is being cancelled
+            await asyncio.wait_for(self.repository.hand_back(claim, burst), self.settings.db_timeout_seconds)
+            log.info("handed the claim back", extra=context)
+        except (LeaseLost, DatabaseUnavailable, TimeoutError) as error:
+            log.warning("could not hand back the claim (%s); its lease will expire", error, extra=context)

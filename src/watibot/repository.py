@@ -1,0 +1,514 @@
+"""Every SQL statement watibot runs, and the transactions around them. No other module holds SQL.
+
+Times come from the database clock (`now()`), so several hosts with skewed clocks agree on due times and leases.
+Writes made by a claim holder go through `_fenced`, which locks the conversation row and checks the fence
+first: a worker whose claim was taken over gets `LeaseLost` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from watibot.db import LeaseLost, connection, translate_errors
+from watibot.payload import CustomerMessage
+from watibot.settings import Settings
+
+# -- ingest ---------------------------------------------------------------------------------------------------
+
+# One statement, one round trip: store the message (once) and push its conversation's timer.
+# The conversation upsert selects FROM new_message, so a duplicate delivery touches nothing.
+# While a conversation is claimed its due_at is the lease expiry; the buffer is then scheduled by completion.
+INGEST_MESSAGE = """
+WITH new_message AS (
+    INSERT INTO watibot.message
+        (channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)
+    ON CONFLICT (provider_message_id) DO NOTHING
+    RETURNING id, received_at
+), pushed AS (
+    INSERT INTO watibot.conversation AS c (channel, customer, wa_id, due_at, buffer_started_at)
+    SELECT $1, $2, $9, received_at + make_interval(secs => $10), received_at FROM new_message
+    ON CONFLICT (channel, customer) DO UPDATE SET
+        wa_id = COALESCE(EXCLUDED.wa_id, c.wa_id),
+        due_at = CASE
+            WHEN c.claimed_by IS NOT NULL THEN c.due_at
+            WHEN c.due_at IS NULL THEN EXCLUDED.due_at
+            -- sliding: later with each message, never past first + max, never earlier than already set
+            WHEN $11 = 'sliding' THEN GREATEST(c.due_at,
+                LEAST(EXCLUDED.due_at, c.buffer_started_at + make_interval(secs => $12)))
+            ELSE c.due_at
+        END,
+        buffer_started_at = CASE
+            WHEN c.claimed_by IS NULL AND c.due_at IS NULL THEN EXCLUDED.buffer_started_at
+            ELSE c.buffer_started_at
+        END,
+        updated_at = EXCLUDED.updated_at
+    RETURNING c.due_at
+)
+SELECT new_message.id AS message_id, new_message.received_at, pushed.due_at
+FROM (SELECT 1) AS one
+LEFT JOIN new_message ON true
+LEFT JOIN pushed ON true
+"""
+
+# -- claim ------------------------------------------------------------------------------------------------------
+
+# One statement claims a batch:
+# - `due_at <= now()` ORDER BY due_at is served by the partial index conversation_due_idx (idle rows are not in it);
+# - a claimed row's due_at is its lease expiry, so an expired lease is simply due again: takeover needs no
+#   second predicate;
+# - SKIP LOCKED lets N claimers run at once without waiting on each other or on a webhook holding a row;
+# - the fence is incremented so the previous holder's writes fail from now on.
+CLAIM_DUE = """
+WITH due AS (
+    SELECT channel, customer, claimed_by AS previous_owner, due_at AS was_due_at
+    FROM watibot.conversation
+    WHERE due_at <= now()
+    ORDER BY due_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE watibot.conversation AS c SET
+    claimed_by = $2,
+    claimed_at = now(),
+    fence = c.fence + 1,
+    lease_expires_at = now() + make_interval(secs => $3),
+    due_at = now() + make_interval(secs => $3),
+    updated_at = now()
+FROM due
+WHERE c.channel = due.channel AND c.customer = due.customer
+RETURNING c.channel, c.customer, c.wa_id, c.fence, due.previous_owner, due.was_due_at
+"""
+
+NEXT_DUE = """
+SELECT (SELECT min(due_at) FROM watibot.conversation WHERE due_at IS NOT NULL) - now() AS wait
+"""
+
+HEARTBEAT = """
+UPDATE watibot.conversation AS c SET
+    lease_expires_at = now() + make_interval(secs => $4),
+    due_at = now() + make_interval(secs => $4)
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS held(channel, customer, fence)
+WHERE c.channel = held.channel AND c.customer = held.customer AND c.fence = held.fence AND c.claimed_by = $5
+RETURNING c.channel, c.customer
+"""
+
+LOCK_FENCED = """
+SELECT wa_id FROM watibot.conversation
+WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
+FOR UPDATE
+"""
+
+OPEN_BURST = """
+SELECT id, status, message_ids, reply, reply_parts, parts_sent, sending_part, attempts, error
+FROM watibot.burst
+WHERE channel = $1 AND customer = $2 AND status IN ('processing', 'sending', 'retry')
+"""
+
+# The burst: every unconsumed message received up to the claim, in WATI timestamp order, then arrival.
+BUFFERED_MESSAGES = """
+SELECT m.id, m.provider_message_id, m.type, m.text, m.wati_timestamp, m.received_at, m.payload -> 'data' AS data
+FROM watibot.message AS m
+JOIN watibot.conversation AS c USING (channel, customer)
+WHERE m.channel = $1 AND m.customer = $2 AND m.burst_id IS NULL AND m.received_at <= c.claimed_at
+ORDER BY m.wati_timestamp NULLS LAST, m.id
+"""
+
+MESSAGES_BY_ID = """
+SELECT m.id, m.provider_message_id, m.type, m.text, m.wati_timestamp, m.received_at, m.payload -> 'data' AS data
+FROM unnest($1::bigint[]) WITH ORDINALITY AS wanted(id, position)
+JOIN watibot.message AS m USING (id)
+ORDER BY wanted.position
+"""
+
+INSERT_BURST = """
+INSERT INTO watibot.burst (channel, customer, message_ids, fence, claimed_by, due_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id, attempts
+"""
+
+RESTART_BURST = """
+UPDATE watibot.burst SET
+    status = CASE WHEN reply IS NULL THEN 'processing' ELSE 'sending' END,
+    message_ids = COALESCE($2, message_ids),
+    attempts = attempts + 1, fence = $3, claimed_by = $4, due_at = $5, started_at = now()
+WHERE id = $1
+RETURNING attempts
+"""
+
+RECORD_REPLY = """
+UPDATE watibot.burst SET
+    status = 'sending', prompt = $2, reply = $3, reply_parts = $4,
+    agent_started_at = $5, agent_finished_at = now()
+WHERE id = $1
+"""
+
+EXTEND_LEASE = """
+UPDATE watibot.conversation SET
+    lease_expires_at = now() + make_interval(secs => $3),
+    due_at = now() + make_interval(secs => $3)
+WHERE channel = $1 AND customer = $2
+"""
+
+MARK_SENDING = "UPDATE watibot.burst SET sending_part = $2 WHERE id = $1"
+
+MARK_PART_SENT = """
+UPDATE watibot.burst SET
+    sending_part = NULL, parts_sent = $2 + 1,
+    sent_at = CASE WHEN $2 + 1 >= reply_parts THEN now() ELSE sent_at END
+WHERE id = $1
+"""
+
+CLEAR_SENDING = "UPDATE watibot.burst SET sending_part = NULL WHERE id = $1"
+
+FINISH_BURST = """
+UPDATE watibot.burst SET status = $2, error = COALESCE($3, error), finished_at = now(),
+    prompt = COALESCE(prompt, $4), agent_started_at = COALESCE(agent_started_at, $5),
+    agent_finished_at = COALESCE(agent_finished_at, CASE WHEN $5::timestamptz IS NOT NULL THEN now() END)
+WHERE id = $1
+"""
+
+CONSUME_MESSAGES = """
+UPDATE watibot.message SET burst_id = $1
+WHERE id = ANY($2::bigint[]) AND burst_id IS NULL
+"""
+
+# Release the claim and schedule whatever is still buffered (messages that arrived during processing) by the
+# same window rules as ingest: fixed = first + window; sliding = latest + window, capped at first + max.
+RELEASE_AND_SCHEDULE = """
+WITH buffered AS (
+    SELECT min(received_at) AS first_at, max(received_at) AS last_at
+    FROM watibot.message
+    WHERE channel = $1 AND customer = $2 AND burst_id IS NULL
+)
+UPDATE watibot.conversation AS c SET
+    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+    due_at = CASE
+        WHEN buffered.first_at IS NULL THEN NULL
+        WHEN $3 = 'sliding' THEN LEAST(buffered.last_at + make_interval(secs => $4),
+                                        buffered.first_at + make_interval(secs => $5))
+        ELSE buffered.first_at + make_interval(secs => $4)
+    END,
+    buffer_started_at = buffered.first_at,
+    attempts = 0, last_error = NULL, updated_at = now()
+FROM buffered
+WHERE c.channel = $1 AND c.customer = $2
+RETURNING c.due_at - now() AS wait
+"""
+
+SCHEDULE_RETRY = """
+UPDATE watibot.burst SET status = 'retry', error = $2 WHERE id = $1
+"""
+
+RELEASE_FOR_RETRY = """
+UPDATE watibot.conversation SET
+    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+    due_at = now() + make_interval(secs => $3), attempts = $4, last_error = $5, updated_at = now()
+WHERE channel = $1 AND customer = $2
+"""
+
+RETURN_BURST = """
+UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1 WHERE id = $1
+"""
+
+STATUS = """
+SELECT
+    count(*) FILTER (WHERE due_at > now() AND claimed_by IS NULL) AS buffering,
+    count(*) FILTER (WHERE due_at <= now() AND claimed_by IS NULL) AS due,
+    count(*) FILTER (WHERE claimed_by IS NOT NULL AND lease_expires_at > now()) AS in_flight,
+    count(*) FILTER (WHERE claimed_by IS NOT NULL AND lease_expires_at <= now()) AS lease_expired,
+    EXTRACT(EPOCH FROM now() - min(due_at) FILTER (WHERE due_at <= now()))::float8 AS oldest_due_seconds,
+    (SELECT count(*) FROM watibot.message WHERE burst_id IS NULL) AS buffered_messages,
+    (SELECT count(*) FROM watibot.burst WHERE status IN ('dead', 'attention')) AS dead
+FROM watibot.conversation
+WHERE due_at IS NOT NULL
+"""
+
+GET_OR_CREATE_SECRET = """
+WITH created AS (
+    INSERT INTO watibot.instance_secret (name, value) VALUES ($1, $2)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING value
+)
+SELECT value FROM created UNION ALL SELECT value FROM watibot.instance_secret WHERE name = $1
+LIMIT 1
+"""
+
+SCHEMA_REVISION = "SELECT version_num FROM watibot.alembic_version"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What storing one webhook message did."""
+
+    duplicate: bool
+    wait_seconds: float | None  # seconds from now until the conversation is due, when it was pushed
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A conversation this worker holds, fenced by `fence`."""
+
+    channel: str
+    customer: str
+    wa_id: str | None
+    fence: int
+    owner: str
+    previous_owner: str | None
+    was_due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedMessage:
+    """A message as the pipeline sees it."""
+
+    id: int
+    provider_message_id: str
+    type: str
+    text: str | None
+    wati_timestamp: datetime | None
+    received_at: datetime
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """An attempt at a burst, as begun for a claim."""
+
+    id: int
+    attempts: int
+    messages: list[BufferedMessage]
+    reply: str | None
+    reply_parts: int | None
+    parts_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """`begin_burst` found nothing to process: the claim was released (wait = seconds until due again)."""
+
+    reason: str
+    wait_seconds: float | None
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value.total_seconds())
+
+
+class Repository:
+    """Database operations over one pool."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.timeout = settings.db_timeout_seconds
+
+    # -- ingest --
+
+    async def ingest(self, message: CustomerMessage) -> IngestResult:
+        """Store a customer message and push its conversation's due time, in one committed statement."""
+        s = self.settings
+        # One deadline for acquiring and running: the sender gets a 503 in bounded time, never a hang.
+        with translate_errors():
+            async with asyncio.timeout(self.timeout), connection(self.pool, self.timeout) as conn:
+                row = await conn.fetchrow(
+                INGEST_MESSAGE,
+                    message.channel, message.customer, message.provider_message_id, message.wati_id,
+                    message.type, message.text, message.wati_timestamp, message.payload, message.wa_id,
+                    s.buffer_seconds, s.buffer_mode.value, s.buffer_max_seconds,
+                )
+        assert row is not None
+        if row["message_id"] is None:
+            return IngestResult(duplicate=True, wait_seconds=None)
+        wait = None
+        if row["due_at"] is not None:
+            wait = (row["due_at"] - row["received_at"]).total_seconds()
+        return IngestResult(duplicate=False, wait_seconds=wait)
+
+    # -- claims --
+
+    async def claim_due(self, owner: str, limit: int) -> list[Claim]:
+        """Claim up to `limit` due conversations (free, or with an expired lease) for `owner`."""
+        async with connection(self.pool, self.timeout) as conn:
+            rows = await conn.fetch(CLAIM_DUE, limit, owner, self.settings.lease_seconds)
+        return [
+            Claim(row["channel"], row["customer"], row["wa_id"], row["fence"], owner, row["previous_owner"],
+                  row["was_due_at"])
+            for row in rows
+        ]
+
+    async def next_due_wait(self) -> float | None:
+        """Seconds until the earliest due conversation (negative if overdue), or None when nothing is scheduled."""
+        async with connection(self.pool, self.timeout) as conn:
+            return _seconds(await conn.fetchval(NEXT_DUE))
+
+    async def heartbeat(self, owner: str, claims: Sequence[Claim]) -> set[tuple[str, str]]:
+        """Extend the leases of `claims`; returns the (channel, customer) keys still held."""
+        if not claims:
+            return set()
+        ordered = sorted(claims, key=lambda claim: (claim.channel, claim.customer))
+        async with connection(self.pool, self.timeout) as conn:
+            rows = await conn.fetch(
+                HEARTBEAT,
+                [claim.channel for claim in ordered], [claim.customer for claim in ordered],
+                [claim.fence for claim in ordered], self.settings.lease_seconds, owner,
+            )
+        return {(row["channel"], row["customer"]) for row in rows}
+
+    @contextlib.asynccontextmanager
+    async def _fenced(self, claim: Claim) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction that holds the conversation row, entered only while `claim` is still current."""
+        async with connection(self.pool, self.timeout) as conn, conn.transaction():
+            held = await conn.fetchrow(LOCK_FENCED, claim.channel, claim.customer, claim.fence, claim.owner)
+            if held is None:
+                raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            yield conn
+
+    async def _release(self, conn: asyncpg.Connection, claim: Claim) -> float | None:
+        s = self.settings
+        wait = await conn.fetchval(
+            RELEASE_AND_SCHEDULE, claim.channel, claim.customer, s.buffer_mode.value, s.buffer_seconds,
+            s.buffer_max_seconds,
+        )
+        return _seconds(wait)
+
+    async def _close_burst(
+        self, conn: asyncpg.Connection, claim: Claim, burst_id: int, message_ids: Sequence[int], status: str,
+        error: str | None, prompt: str | None = None, agent_started_at: datetime | None = None,
+    ) -> float | None:
+        await conn.execute(FINISH_BURST, burst_id, status, error, prompt, agent_started_at)
+        await conn.execute(CONSUME_MESSAGES, burst_id, list(message_ids))
+        return await self._release(conn, claim)
+
+    # -- bursts --
+
+    async def begin_burst(self, claim: Claim) -> Burst | Closed:
+        """Start (or resume) the conversation's burst under `claim`, or close what cannot go on.
+
+        A burst left with a send in flight by a previous holder has an unknown outcome: it goes to attention,
+        never re-sent. One past its attempts goes dead. A burst with a recorded reply resumes sending after the
+        parts already accepted; one without a reply is rebuilt from the whole buffer.
+        """
+        async with self._fenced(claim) as conn:
+            open_burst = await conn.fetchrow(OPEN_BURST, claim.channel, claim.customer)
+            if open_burst is not None:
+                burst_id, message_ids = open_burst["id"], open_burst["message_ids"]
+                if open_burst["sending_part"] is not None:
+                    reason = (f"send of reply part {open_burst['sending_part'] + 1} was in flight when its worker "
+                              "lost the claim: outcome unknown, not re-sent")
+                    wait = await self._close_burst(conn, claim, burst_id, message_ids, "attention", reason)
+                    return Closed("attention", wait)
+                if open_burst["attempts"] >= self.settings.max_attempts:
+                    reason = f"gave up after {open_burst['attempts']} attempts; last error: {open_burst['error']}"
+                    wait = await self._close_burst(conn, claim, burst_id, message_ids, "dead", reason)
+                    return Closed("dead", wait)
+                if open_burst["reply"] is None:
+                    messages = await self._buffered(conn, claim)
+                    message_ids = [message.id for message in messages]
+                else:
+                    messages = await self._messages(conn, message_ids)
+                attempts = await conn.fetchval(
+                    RESTART_BURST, burst_id, message_ids if open_burst["reply"] is None else None, claim.fence,
+                    claim.owner, claim.was_due_at,
+                )
+                return Burst(burst_id, attempts, messages, open_burst["reply"], open_burst["reply_parts"],
+                             open_burst["parts_sent"])
+            messages = await self._buffered(conn, claim)
+            if not messages:
+                return Closed("empty", await self._release(conn, claim))
+            row = await conn.fetchrow(
+                INSERT_BURST, claim.channel, claim.customer, [message.id for message in messages], claim.fence,
+                claim.owner, claim.was_due_at,
+            )
+            assert row is not None
+            return Burst(row["id"], row["attempts"], messages, None, None, 0)
+
+    async def _buffered(self, conn: asyncpg.Connection, claim: Claim) -> list[BufferedMessage]:
+        rows = await conn.fetch(BUFFERED_MESSAGES, claim.channel, claim.customer)
+        return [BufferedMessage(**dict(row)) for row in rows]
+
+    async def _messages(self, conn: asyncpg.Connection, message_ids: Sequence[int]) -> list[BufferedMessage]:
+        rows = await conn.fetch(MESSAGES_BY_ID, list(message_ids))
+        return [BufferedMessage(**dict(row)) for row in rows]
+
+    async def record_reply(
+        self, claim: Claim, burst: Burst, prompt: str, reply: str, parts: int, agent_started_at: datetime
+    ) -> None:
+        """Keep the agent's reply before anything is sent, so a retry resends nothing the agent said twice."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(RECORD_REPLY, burst.id, prompt, reply, parts, agent_started_at)
+
+    async def mark_sending(self, claim: Claim, burst: Burst, part: int) -> None:
+        """Record that part `part` is about to go to WATI, extending the lease to cover the send."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(EXTEND_LEASE, claim.channel, claim.customer, self.settings.lease_seconds)
+            await conn.execute(MARK_SENDING, burst.id, part)
+
+    async def mark_part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
+        """WATI accepted part `part`."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(MARK_PART_SENT, burst.id, part)
+
+    async def clear_sending(self, claim: Claim, burst: Burst) -> None:
+        """WATI definitely did not accept the part in flight (refused before sending, or answered an error)."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(CLEAR_SENDING, burst.id)
+
+    async def complete(
+        self, claim: Claim, burst: Burst, status: str, prompt: str | None = None,
+        agent_started_at: datetime | None = None,
+    ) -> float | None:
+        """Finish the burst: consume its messages, release the claim, schedule the buffer. One transaction."""
+        async with self._fenced(claim) as conn:
+            return await self._close_burst(
+                conn, claim, burst.id, [message.id for message in burst.messages], status, None, prompt,
+                agent_started_at,
+            )
+
+    async def give_up(self, claim: Claim, burst: Burst, status: str, error: str) -> float | None:
+        """Close the burst as `dead` or `attention` with the reason; its messages leave the buffer."""
+        async with self._fenced(claim) as conn:
+            return await self._close_burst(
+                conn, claim, burst.id, [message.id for message in burst.messages], status, error
+            )
+
+    async def retry_later(self, claim: Claim, burst: Burst, error: str, delay: float) -> None:
+        """Release the claim with the conversation due again in `delay` seconds; the burst keeps its state."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(SCHEDULE_RETRY, burst.id, error)
+            await conn.execute(RELEASE_FOR_RETRY, claim.channel, claim.customer, delay, burst.attempts, error)
+
+    async def hand_back(self, claim: Claim, burst: Burst | None) -> None:
+        """Release a claim at shutdown so another worker takes it at once; the attempt does not count."""
+        async with self._fenced(claim) as conn:
+            if burst is not None:
+                await conn.execute(RETURN_BURST, burst.id)
+            await conn.execute(RELEASE_FOR_RETRY, claim.channel, claim.customer, 0.0, 0, None)
+
+    # -- operators --
+
+    async def status(self) -> dict[str, Any]:
+        """Counts for `watibot status` and `/readyz`."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchrow(STATUS)
+        assert row is not None
+        return dict(row)
+
+    async def schema_revision(self) -> str | None:
+        """The alembic revision the database is at."""
+        async with connection(self.pool, self.timeout) as conn:
+            return await conn.fetchval(SCHEMA_REVISION)  # type: ignore[no-any-return]
+
+    async def get_or_create_secret(self, name: str, candidate: str) -> str:
+        """Return the stored secret `name`, storing `candidate` first if there is none."""
+        async with connection(self.pool, self.timeout) as conn:
+            value = await conn.fetchval(GET_OR_CREATE_SECRET, name, candidate)
+        assert isinstance(value, str)
+        return value

@@ -1,0 +1,128 @@
+"""Configuration from `WATIBOT_*` environment variables and an optional `.env` file.
+
+Settings are built by the CLI and the app factory, never at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BufferMode(StrEnum):
+    """How a conversation's `due_at` moves when more messages arrive."""
+
+    FIXED = "fixed"
+    SLIDING = "sliding"
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names the environment variable."""
+
+
+MIN_PASSKEY_LENGTH = 16
+_AGENT_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Settings(BaseSettings):
+    """Every setting watibot reads. Each field is the variable `WATIBOT_<NAME>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WATIBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL DSN (postgresql://user@host:port/db). Unset: an embedded server under DATA_DIR.",
+    )
+    data_dir: Path = Field(default=Path(".watibot"), description="Where the embedded PostgreSQL keeps its data.")
+    webhook_passkey: SecretStr | None = Field(
+        default=None,
+        description="Secret that WATI sends with each webhook. Unset: one is generated and kept in the database.",
+    )
+    webhook_max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024
+    wati_api_url: str | None = Field(
+        default=None,
+        description="WATI API base including the tenant id, e.g. https://live-mt-server.wati.io/123456. "
+        "Unset: replies are recorded but not sent (bursts end dead, saying so).",
+    )
+    wati_api_token: SecretStr = SecretStr("")
+    wati_timeout_seconds: Annotated[float, Field(gt=0)] = 15.0
+    buffer_seconds: Annotated[float, Field(ge=0)] = 65.0
+    buffer_mode: BufferMode = BufferMode.FIXED
+    buffer_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    agent: str = Field(default="echo", description="echo | http | package.module:callable")
+    agent_url: str | None = None
+    agent_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    concurrency: Annotated[int, Field(gt=0, le=10_000)] = 32
+    lease_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_attempts: Annotated[int, Field(gt=0)] = 5
+    retry_base_seconds: Annotated[float, Field(gt=0)] = 2.0
+    retry_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    claim_batch: Annotated[int, Field(gt=0)] = 50
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 20.0
+    db_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    db_pool_size: Annotated[int, Field(gt=0)] = 10
+    db_startup_timeout_seconds: Annotated[float, Field(ge=0)] = 60.0
+    sweeper: bool = Field(default=True, description="Run the sweeper loop in this process.")
+    log_level: str = "info"
+
+    @field_validator("agent")
+    @classmethod
+    def _known_agent(cls, value: str) -> str:
+        if value in {"echo", "http"} or _AGENT_CALLABLE.match(value):
+            return value
+        raise ValueError("must be 'echo', 'http' or 'package.module:callable'")
+
+    @field_validator("webhook_passkey")
+    @classmethod
+    def _long_passkey(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_PASSKEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.agent == "http" and not self.agent_url:
+            raise ValueError("WATIBOT_AGENT_URL is required when WATIBOT_AGENT=http")
+        if self.lease_seconds <= self.wati_timeout_seconds:
+            raise ValueError(
+                "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS "
+                "(a send must finish inside the lease that fences it)"
+            )
+        if self.buffer_mode is BufferMode.SLIDING and self.buffer_max_seconds < self.buffer_seconds:
+            raise ValueError("WATIBOT_BUFFER_MAX_SECONDS must be at least WATIBOT_BUFFER_SECONDS")
+        return self
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often held leases are extended: a third of the lease, so two beats may fail."""
+        return self.lease_seconds / 3
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one readable `ConfigError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            name = "WATIBOT_" + "_".join(str(part) for part in problem["loc"]).upper() if problem["loc"] else ""
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}" if name else message)
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

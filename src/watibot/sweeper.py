@@ -1,0 +1,154 @@
+"""The sweeper: runs in every worker process, claims due conversations and runs them through the pipeline.
+
+Polling the database is the source of truth. The loop sleeps until the earliest `due_at` (at most
+`WATIBOT_POLL_SECONDS`) and is woken sooner by hints: a webhook in this process that scheduled a conversation,
+a burst that finished and left a new one due, a free slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+
+from watibot.db import DatabaseUnavailable
+from watibot.pipeline import Pipeline
+from watibot.repository import Claim, Repository
+from watibot.settings import Settings
+
+log = logging.getLogger("watibot.sweeper")
+
+
+def new_owner_id() -> str:
+    """A worker id that is fresh for every process start: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Sweeper:
+    """Claims due conversations, holds their leases, and processes up to `concurrency` at once."""
+
+    def __init__(self, settings: Settings, repository: Repository, pipeline: Pipeline, owner: str) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.pipeline = pipeline
+        self.owner = owner
+        self.in_flight: dict[tuple[str, str], tuple[Claim, asyncio.Task[None]]] = {}
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._wake_at = float("inf")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        pipeline.schedule_hint = self.hint
+
+    def hint(self, wait_seconds: float | None) -> None:
+        """Something becomes due in `wait_seconds`: wake up then if that is sooner than planned."""
+        if wait_seconds is None or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        target = loop.time() + max(0.0, wait_seconds)
+        if target < self._wake_at:
+            self._wake_at = target
+            self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the claim loop is running (for /readyz)."""
+        return self._loop_task is not None and not self._loop_task.done() and not self._stopping
+
+    def start(self) -> None:
+        """Start the claim loop and the heartbeat as tasks of the running loop."""
+        self._loop_task = asyncio.create_task(self._run(), name="watibot-sweeper")
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="watibot-heartbeat")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                wait = await self._sweep_once()
+            except DatabaseUnavailable as error:
+                wait = None
+                log.warning("sweep failed (%s); next try in %.1f s", error, self.settings.poll_seconds)
+            wait = self.settings.poll_seconds if wait is None else min(wait, self.settings.poll_seconds)
+            self._wake_at = loop.time() + max(0.0, wait)
+            # Sleep until _wake_at; a hint moves it earlier and sets the event so the sleep is re-measured.
+            while not self._stopping and (remaining := self._wake_at - loop.time()) > 0:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def _sweep_once(self) -> float | None:
+        """Claim what is due into free slots; returns seconds until the next look is needed."""
+        free = self.settings.concurrency - len(self.in_flight)
+        if free > 0:
+            claims = await self.repository.claim_due(self.owner, min(free, self.settings.claim_batch))
+            for claim in claims:
+                self._launch(claim)
+            if len(claims) == min(free, self.settings.claim_batch):
+                return 0.0  # there may be more due right now
+        if len(self.in_flight) >= self.settings.concurrency:
+            return None  # a finishing burst wakes us
+        return await self.repository.next_due_wait()
+
+    def _launch(self, claim: Claim) -> None:
+        key = (claim.channel, claim.customer)
+        task = asyncio.create_task(self.pipeline.process(claim), name=f"burst-{claim.channel}/{claim.customer}")
+        self.in_flight[key] = (claim, task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            if self.in_flight.get(key, (None, None))[1] is done:
+                del self.in_flight[key]
+            if not done.cancelled() and done.exception() is not None:
+                log.error("burst task failed", exc_info=done.exception())
+            if not self._stopping:
+                self._wake_at = 0.0
+                self._wake.set()
+
+        task.add_done_callback(finished)
+
+    async def _heartbeat(self) -> None:
+        """Extend every held lease on a timer, independent of how long the agent takes."""
+        loop = asyncio.get_running_loop()
+        last_success = loop.time()
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            held = list(self.in_flight.values())
+            if not held:
+                last_success = loop.time()
+                continue
+            try:
+                still_held = await self.repository.heartbeat(self.owner, [claim for claim, _ in held])
+                last_success = loop.time()
+            except DatabaseUnavailable as error:
+                log.warning("heartbeat failed: %s", error)
+                if loop.time() - last_success < self.settings.lease_seconds:
+                    continue
+                still_held = set()  # the leases may have expired: another worker may own them now
+            for claim, task in held:
+                if (claim.channel, claim.customer) not in still_held and not task.done():
+                    log.warning("lease lost for %s/%s; stopping its burst", claim.channel, claim.customer,
+                                extra={"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence})
+                    task.cancel()
+
+    async def stop(self) -> None:
+        """Stop claiming; let in-flight bursts finish within the grace period, then hand back the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        tasks = [task for _, task in self.in_flight.values()]
+        if tasks:
+            log.info("waiting up to %.0f s for %d bursts in flight", self.settings.shutdown_grace_seconds, len(tasks))
+            done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)

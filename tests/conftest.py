@@ -1,0 +1,281 @@
+"""Shared fixtures: a PostgreSQL server, a fresh migrated database per test, fakes, and app runners.
+
+PostgreSQL: `WATIBOT_TEST_DATABASE_URL` (an admin DSN, any database) if set; otherwise the tests start their own
+embedded cluster (fsync off) in a temporary directory and stop it at the end. Migrations run once into a
+template database; each test gets `CREATE DATABASE … TEMPLATE` and it is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+from tests.fakes import FakeAgent, FakeWati
+from watibot import db
+from watibot.app import create_app
+from watibot.embedded import EmbeddedCluster
+from watibot.settings import Settings
+
+SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "samples"
+PASSKEY = "test-passkey-0123456789abcdef"
+TEMPLATE = "watibot_template"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointing at another database of the same server."""
+    base, _, rest = url.rpartition("/")
+    query = ("?" + rest.split("?", 1)[1]) if "?" in rest else ""
+    return f"{base}/{database}{query}"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An admin DSN of a PostgreSQL server the tests may create databases on."""
+    configured = os.environ.get("WATIBOT_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("pg"), durable=False)
+    cluster.start()
+    try:
+        yield cluster.url("postgres")
+    finally:
+        cluster.stop("immediate")
+
+
+def admin_execute(admin_url: str, *statements: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_admin_url: str) -> str:
+    """A database migrated to head, copied for each test."""
+    admin_execute(postgres_admin_url, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)", f"CREATE DATABASE {TEMPLATE}")
+    db.upgrade(with_database(postgres_admin_url, TEMPLATE))
+    return TEMPLATE
+
+
+@pytest.fixture
+def database_url(postgres_admin_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin_execute(postgres_admin_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    try:
+        yield with_database(postgres_admin_url, name)
+    finally:
+        admin_execute(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[Callable[..., list[tuple[Any, ...]]]]:
+    """Run a query on the test database and return all rows (autocommit)."""
+    conn = psycopg.connect(database_url, autocommit=True)
+
+    def run(query: str, *params: Any) -> list[tuple[Any, ...]]:
+        cursor = conn.execute(query, params or None)  # type: ignore[arg-type]
+        return cursor.fetchall() if cursor.description else []
+
+    yield run
+    conn.close()
+
+
+@pytest.fixture
+def fake_wati() -> Iterator[FakeWati]:
+    with FakeWati() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_agent() -> Iterator[FakeAgent]:
+    with FakeAgent() as fake:
+        yield fake
+
+
+def sample(name: str, **changes: Any) -> dict[str, Any]:
+    """A WATI sample payload from tests/samples with some fields changed."""
+    payload: dict[str, Any] = json.loads((SAMPLES / f"{name}.json").read_text())
+    payload.update(changes)
+    return payload
+
+
+def customer_message(wa_id: str, text: str, message_id: str | None = None, **changes: Any) -> dict[str, Any]:
+    """A customer text message from `wa_id`."""
+    return sample(
+        "message-text", waId=wa_id, text=text, whatsappMessageId=message_id or f"wamid.{uuid.uuid4().hex}",
+        id=uuid.uuid4().hex[:24], timestamp=str(int(time.time())), **changes,
+    )
+
+
+def app_settings(database_url: str, wati: FakeWati | None = None, **overrides: Any) -> Settings:
+    """Settings for an in-process app: short windows and leases."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "webhook_passkey": PASSKEY,
+        "wati_api_url": wati.api_url if wati else None,
+        "wati_api_token": "test-wati-token-secret",
+        "buffer_seconds": 0.3,
+        "lease_seconds": 5.0,
+        "wati_timeout_seconds": 2.0,
+        "agent_timeout_seconds": 4.0,
+        "retry_base_seconds": 0.1,
+        "retry_max_seconds": 0.5,
+        "poll_seconds": 0.5,
+        "db_timeout_seconds": 2.0,
+        "db_startup_timeout_seconds": 10.0,
+        "shutdown_grace_seconds": 2.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class RunningApp:
+    """The real app served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningApp:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=20, what="app startup")
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def post(self, payload: Any, passkey: str | None = PASSKEY, **kwargs: Any) -> httpx.Response:
+        params = {"passkey": passkey} if passkey is not None else {}
+        return self.client.post("/webhook", json=payload, params=params, **kwargs)
+
+    @property
+    def sweeper(self) -> Any:
+        return self.server.config.app.state.sweeper  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def run_app(database_url: str) -> Iterator[Callable[..., RunningApp]]:
+    """Start the app (with its sweeper) in-process; stopped after the test."""
+    started: list[RunningApp] = []
+
+    def start(settings: Settings) -> RunningApp:
+        app = RunningApp(settings).__enter__()
+        started.append(app)
+        return app
+
+    yield start
+    for app in reversed(started):
+        app.__exit__(None, None, None)
+
+
+class ServeProcess:
+    """`watibot serve` as a real process tree."""
+
+    def __init__(self, env: dict[str, str], workers: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "watibot", "serve", "--workers", str(workers), "--port", str(self.port)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout=timeout, what="watibot serve /readyz")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def serve_environment(database_url: str, wati: FakeWati | None, **overrides: str) -> dict[str, str]:
+    """The environment for a `watibot serve` process under test."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WATIBOT_")}
+    env.update({
+        "WATIBOT_DATABASE_URL": database_url,
+        "WATIBOT_WEBHOOK_PASSKEY": PASSKEY,
+        "WATIBOT_WATI_API_TOKEN": "test-wati-token-secret",
+        "WATIBOT_BUFFER_SECONDS": "0.5",
+        "WATIBOT_LEASE_SECONDS": "5",
+        "WATIBOT_WATI_TIMEOUT_SECONDS": "2",
+        "WATIBOT_POLL_SECONDS": "0.5",
+        "WATIBOT_SHUTDOWN_GRACE_SECONDS": "2",
+        "WATIBOT_LOG_LEVEL": "info",
+    })
+    if wati is not None:
+        env["WATIBOT_WATI_API_URL"] = wati.api_url
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `watibot serve` process trees; all are stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(env: dict[str, str], workers: int = 2) -> ServeProcess:
+        process = ServeProcess(env, workers, tmp_path / f"serve-{len(started)}.log")
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

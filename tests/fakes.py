@@ -1,0 +1,224 @@
+"""The outside world for tests: a fake WATI API and a fake agent, each a real HTTP server on 127.0.0.1.
+
+Each runs a `ThreadingHTTPServer` in a thread, records what it receives, and answers by a script that a test
+can change. `wait_for` blocks on a condition with a deadline (no sleeps as synchronisation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Answer:
+    """How the fake answers one request."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    hang_until: threading.Event | None = None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+
+class FakeHttpServer:
+    """Base: records requests, answers by `script` (a list consumed first) then `default`."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: list[Answer] = []
+        self.default: Callable[[dict[str, Any]], Answer] = lambda request: Answer()
+        self._condition = threading.Condition()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                split = urlsplit(self.path)
+                request = {
+                    "path": split.path,
+                    "query": {key: values[0] for key, values in parse_qs(split.query).items()},
+                    "headers": dict(self.headers.items()),
+                    "json": json.loads(raw) if raw else None,
+                    "received": time.monotonic(),
+                }
+                with fake._condition:
+                    answer = fake.script.pop(0) if fake.script else fake.default(request)
+                if answer.hang_until is not None:
+                    answer.hang_until.wait(60)
+                if answer.delay:
+                    time.sleep(answer.delay)
+                with fake._condition:
+                    request["status"] = answer.status
+                    fake.requests.append(request)
+                    fake._condition.notify_all()
+                payload = json.dumps(answer.body if answer.body is not None else {"result": True}).encode()
+                try:
+                    self.send_response(answer.status)
+                    for name, value in answer.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHttpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until `predicate(requests)` holds; fail the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while not predicate(self.requests):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"condition not met within {timeout} s; requests so far: {self.requests}")
+                self._condition.wait(remaining)
+            return list(self.requests)
+
+
+class FakeWati(FakeHttpServer):
+    """WATI's v1 sendSessionMessage endpoint. `sent` lists the accepted messages."""
+
+    TENANT = "1234"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/{self.TENANT}"
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        with self._condition:
+            return [
+                {
+                    "wa_id": request["path"].rsplit("/", 1)[-1],
+                    "text": request["query"].get("messageText"),
+                    "local_message_id": request["query"].get("localMessageId"),
+                }
+                for request in self.requests
+                if request["status"] == 200
+            ]
+
+    def wait_for_sent(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        self.wait_for(lambda requests: sum(1 for r in requests if r["status"] == 200) >= count, timeout)
+        return self.sent
+
+
+class FakeAgent(FakeHttpServer):
+    """An HTTP agent: by default replies with the texts it got, joined by ' | '."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.default = lambda request: Answer(
+            body={"reply": " | ".join(message["text"] or "" for message in request["json"]["messages"])}
+        )
+
+
+class TcpProxy:
+    """A TCP proxy in front of PostgreSQL, to make the database vanish for a running app.
+
+    Modes: `pass` forwards; `reset` closes every connection (open and new) at once; `blackhole` accepts new
+    connections and never answers, as an unreachable host would.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.mode = "pass"
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(256)
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url_for(self, database_url: str) -> str:
+        """`database_url` rewritten to go through this proxy."""
+        split = urlsplit(database_url)
+        netloc = split.netloc.rsplit("@", 1)
+        userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
+        return split._replace(netloc=f"{userinfo}127.0.0.1:{self.port}").geturl()
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode != "pass":
+            with self._lock:
+                for sock in self._open:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                        sock.close()
+                self._open.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self.set_mode("reset")
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.mode == "reset":
+                client.close()
+                continue
+            with self._lock:
+                self._open.append(client)
+            if self.mode == "blackhole":
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open.append(upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
