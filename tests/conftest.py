@@ -134,10 +134,11 @@ def sample(name: str, **changes: Any) -> dict[str, Any]:
 
 def customer_message(wa_id: str, text: str, message_id: str | None = None, **changes: Any) -> dict[str, Any]:
     """A customer text message from `wa_id`."""
-    return sample(
-        "message-text", waId=wa_id, text=text, whatsappMessageId=message_id or f"wamid.{uuid.uuid4().hex}",
-        id=uuid.uuid4().hex[:24], timestamp=str(int(time.time())), **changes,
-    )
+    fields: dict[str, Any] = {
+        "waId": wa_id, "text": text, "whatsappMessageId": message_id or f"wamid.{uuid.uuid4().hex}",
+        "id": uuid.uuid4().hex[:24], "timestamp": str(int(time.time())),
+    }
+    return sample("message-text", **(fields | changes))
 
 
 def app_settings(database_url: str, wati: FakeWati | None = None, **overrides: Any) -> Settings:

@@ -28,8 +28,8 @@ from watibot.settings import Settings
 INGEST_MESSAGE = """
 WITH new_message AS (
     INSERT INTO watibot.message
-        (channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)
+        (channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload, received_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, COALESCE($13::timestamptz, now()))
     ON CONFLICT (provider_message_id) DO NOTHING
     RETURNING id, received_at
 ), pushed AS (
@@ -312,8 +312,11 @@ class Repository:
 
     # -- ingest --
 
-    async def ingest(self, message: CustomerMessage) -> IngestResult:
-        """Store a customer message and push its conversation's due time, in one committed statement."""
+    async def ingest(self, message: CustomerMessage, arrived_at: datetime | None = None) -> IngestResult:
+        """Store a customer message and push its conversation's due time, in one committed statement.
+
+        `arrived_at` replaces the database clock for tests of the window rules; the service passes None.
+        """
         s = self.settings
         # One deadline for acquiring and running: the sender gets a 503 in bounded time, never a hang.
         with translate_errors():
@@ -322,7 +325,7 @@ class Repository:
                 INGEST_MESSAGE,
                     message.channel, message.customer, message.provider_message_id, message.wati_id,
                     message.type, message.text, message.wati_timestamp, message.payload, message.wa_id,
-                    s.buffer_seconds, s.buffer_mode.value, s.buffer_max_seconds,
+                    s.buffer_seconds, s.buffer_mode.value, s.buffer_max_seconds, arrived_at,
                 )
         assert row is not None
         if row["message_id"] is None:
