@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,9 +37,21 @@ def _database(settings: Settings) -> Iterator[str]:
             cluster.stop()
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGINT reached the serve parent."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    # uvicorn handles the signal for a graceful shutdown, then re-raises it; ours turns it into an exception
+    # so the embedded server below is stopped cleanly (and so is a SIGTERM during startup).
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_terminated)
     cluster = None
     if not settings.database_url:
         cluster = db.embedded_cluster(settings)
@@ -58,6 +71,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
             access_log=False,
         )
+    except _Terminated:
+        print("watibot: stopped", file=sys.stderr)
     finally:
         if cluster is not None:
             cluster.stop()

@@ -1,0 +1,93 @@
+"""The watibot command: configuration errors, exit codes and the operator commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import PASSKEY
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def watibot(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("WATIBOT_")}
+    return subprocess.run([sys.executable, "-m", "watibot", *args], env=base | (env or {}), capture_output=True,
+                          text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("WATIBOT_BUFFER_SECONDS", "soon", "WATIBOT_BUFFER_SECONDS"),
+        ("WATIBOT_BUFFER_MODE", "random", "WATIBOT_BUFFER_MODE"),
+        ("WATIBOT_CONCURRENCY", "0", "WATIBOT_CONCURRENCY"),
+        ("WATIBOT_WEBHOOK_PASSKEY", "short", "at least 16 characters"),
+        ("WATIBOT_AGENT", "gpt", "WATIBOT_AGENT"),
+        ("WATIBOT_AGENT", "http", "WATIBOT_AGENT_URL is required"),
+        ("WATIBOT_DATABASE_URL", "mysql://x", "WATIBOT_DATABASE_URL"),
+        ("WATIBOT_LEASE_SECONDS", "5", "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS"),
+    ],
+)
+def test_invalid_setting_stops_startup_naming_the_variable(variable: str, value: str, message: str) -> None:
+    """An invalid value exits with code 2 and a message that names the variable."""
+    result = watibot("serve", env={variable: value})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_exits_1_with_a_clear_message() -> None:
+    """serve against a database that never answers gives up after the startup timeout with exit code 1."""
+    result = watibot("serve", env={"WATIBOT_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none",
+                                   "WATIBOT_DB_STARTUP_TIMEOUT_SECONDS": "1"})
+    assert result.returncode == 1
+    assert "database not reachable after 1 s" in result.stderr
+
+
+def test_help_lists_the_commands() -> None:
+    """--help documents every command and the exit codes."""
+    result = watibot("--help")
+    assert result.returncode == 0
+    for command in ("serve", "migrate", "status", "db-url", "webhook-url", "Exit codes"):
+        assert command in result.stdout
+
+
+def test_db_url_prints_the_configured_url(database_url: str) -> None:
+    """db-url prints the DSN so that psql "$(watibot db-url)" works."""
+    result = watibot("db-url", env={"WATIBOT_DATABASE_URL": database_url})
+    assert (result.returncode, result.stdout.strip()) == (0, database_url)
+
+
+def test_status_counts_what_the_buffer_holds(database_url: str, sql: Sql) -> None:
+    """status reports buffered conversations and messages from the database."""
+    sql("INSERT INTO watibot.conversation (channel, customer, due_at) VALUES ('c', '1', now() + interval '1 hour')")
+    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload) "
+        "VALUES ('c', '1', 'w1', 'text', '{}')")
+    result = watibot("status", "--json", env={"WATIBOT_DATABASE_URL": database_url})
+    assert result.returncode == 0, result.stderr
+    import json
+
+    counts = json.loads(result.stdout)
+    assert (counts["buffering"], counts["buffered_messages"], counts["due"], counts["dead"]) == (1, 1, 0, 0)
+    table = watibot("status", env={"WATIBOT_DATABASE_URL": database_url})
+    assert "buffering" in table.stdout
+
+
+def test_webhook_url_uses_the_generated_passkey_when_none_is_set(database_url: str, sql: Sql) -> None:
+    """With no passkey configured one is generated once, kept in the database, and printed in the URL."""
+    first = watibot("webhook-url", "--base-url", "https://bot.example", env={"WATIBOT_DATABASE_URL": database_url})
+    second = watibot("webhook-url", "--base-url", "https://bot.example", env={"WATIBOT_DATABASE_URL": database_url})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    (stored,) = sql("SELECT value FROM watibot.instance_secret WHERE name = 'webhook_passkey'")[0]
+    assert first.stdout.strip() == f"https://bot.example/webhook?passkey={stored}"
+    assert len(stored) >= 32
+    configured = watibot("webhook-url", env={"WATIBOT_DATABASE_URL": database_url,
+                                             "WATIBOT_WEBHOOK_PASSKEY": PASSKEY})
+    assert configured.stdout.strip().endswith(f"passkey={PASSKEY}")
