@@ -23,7 +23,7 @@ class Answer:
     """How the fake answers one request."""
 
     status: int = 200
-    body: Any = None
+    body: Any = None  # a JSON value, or a function of the request returning one
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     hang_until: threading.Event | None = None
@@ -33,12 +33,16 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients killed mid-request (the fault tests do that) are expected: stay quiet about them."""
+
 
 class FakeHttpServer:
     """Base: records requests, answers by `script` (a list consumed first) then `default`."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.arrivals: list[dict[str, Any]] = []  # recorded on receipt, before the answer
         self.script: list[Answer] = []
         self.default: Callable[[dict[str, Any]], Answer] = lambda request: Answer()
         self._condition = threading.Condition()
@@ -62,6 +66,8 @@ class FakeHttpServer:
                     "received": time.monotonic(),
                 }
                 with fake._condition:
+                    fake.arrivals.append(request)
+                    fake._condition.notify_all()
                     answer = fake.script.pop(0) if fake.script else fake.default(request)
                 if answer.hang_until is not None:
                     answer.hang_until.wait(60)
@@ -71,7 +77,8 @@ class FakeHttpServer:
                     request["status"] = answer.status
                     fake.requests.append(request)
                     fake._condition.notify_all()
-                payload = json.dumps(answer.body if answer.body is not None else {"result": True}).encode()
+                body = answer.body(request) if callable(answer.body) else answer.body
+                payload = json.dumps(body if body is not None else {"result": True}).encode()
                 try:
                     self.send_response(answer.status)
                     for name, value in answer.headers.items():
@@ -96,16 +103,17 @@ class FakeHttpServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until `predicate(requests)` holds; fail the test after `timeout` seconds."""
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0,
+                 arrived: bool = False) -> list[dict[str, Any]]:
+        """Wait until `predicate(requests)` holds (answered requests, or received ones with `arrived`)."""
         deadline = time.monotonic() + timeout
         with self._condition:
-            while not predicate(self.requests):
+            while not predicate(self.arrivals if arrived else self.requests):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"condition not met within {timeout} s; requests so far: {self.requests}")
                 self._condition.wait(remaining)
-            return list(self.requests)
+            return list(self.arrivals if arrived else self.requests)
 
 
 class FakeWati(FakeHttpServer):

@@ -33,17 +33,18 @@ class LeaseLost(Exception):
     """A claim holder's fence no longer matches: another worker owns the conversation now."""
 
 
+# "The server is not there right now", by SQLSTATE class where the server said so: 08 connection exception,
+# 53 insufficient resources (too many connections), 57 operator intervention (shutdown, cannot connect now,
+# statement timeout), 58 system error; and the client-side errors of a connection that broke mid-operation.
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.QueryCanceledError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 
 

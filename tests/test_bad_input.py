@@ -1,0 +1,171 @@
+"""Bad input gets a precise answer and loses nothing: a table of hostile and odd webhook bodies, each with the
+status it gets and what it leaves in the database; a property test of the parser; schemathesis over the API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.conftest import PASSKEY, RunningApp, app_settings, sample
+from watibot.payload import CustomerMessage, OtherEvent, PayloadError, decode_body, parse_event
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def body(**changes: Any) -> bytes:
+    """The sample customer message with some fields changed (None removes a field)."""
+    payload = sample("message-text")
+    for key, value in changes.items():
+        if value is None:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    return json.dumps(payload).encode()
+
+
+@dataclass
+class Case:
+    name: str
+    content: bytes
+    status: int
+    stored_texts: list[str | None] = field(default_factory=list)
+    content_type: str = "application/json"
+    detail: str | None = None
+    answer: str | None = None
+
+
+def nested(depth: int) -> bytes:
+    """The sample message with `data` nested `depth` levels deep, built as text (too deep for json.dumps)."""
+    head = json.dumps(sample("message-text"))[:-1]
+    return f'{head}, "data": {"[" * depth}{"]" * depth}}}'.encode()
+
+
+TEXT = sample("message-text")["text"]
+CASES = [
+    Case("non-JSON", b"hello there", 422, detail="not valid JSON"),
+    Case("empty body", b"", 422, detail="not valid JSON"),
+    Case("invalid UTF-8", b'{"text": "\xff\xfe"}', 422, detail="not UTF-8"),
+    Case("JSON array", b"[1, 2, 3]", 422, detail="JSON object, not list"),
+    Case("JSON string", b'"message"', 422, detail="JSON object, not str"),
+    Case("missing eventType", body(eventType=None), 422, detail="missing field 'eventType'"),
+    Case("missing waId", body(waId=None), 422, detail="missing field 'waId'"),
+    Case("waId with letters", body(waId="5037abc9621"), 422, detail="field 'waId' must be"),
+    Case("waId with plus sign", body(waId="+50376819621"), 422, detail="field 'waId' must be"),
+    Case("missing both message ids", body(whatsappMessageId=None, id=None), 422, detail="whatsappMessageId"),
+    Case("message id too long", body(whatsappMessageId="w" * 600), 422, detail="longer than 512"),
+    Case("text is a number", body(text=42), 422, detail="field 'text' must be a string"),
+    Case("owner is a string", body(owner="false"), 422, detail="field 'owner' must be true or false"),
+    Case("timestamp is a word", body(timestamp="yesterday"), 422, detail="field 'timestamp'"),
+    Case("timestamp out of range", body(timestamp="99999999999"), 422, detail="out of range"),
+    Case("nested 33 levels", nested(33), 422, detail="nested more than 32 levels"),
+    Case("nested 5000 levels", nested(5000), 422),
+    Case("wrong content type", body(), 415, content_type="text/plain", detail="application/json"),
+    Case("oversized body", body(text="x" * 300_000), 413, detail="larger than"),
+    Case("empty text", body(text=""), 200, [""], answer="buffered"),
+    Case("null text (media without caption)", body(text=None, type="image", data="data/images/a.jpg"), 200,
+         [None], answer="buffered"),
+    Case("5,000-character text", body(text="a" * 5000), 200, ["a" * 5000], answer="buffered"),
+    Case("emoji, RTL and combining characters", body(text="👍🏽 مرحبا שלום e\u0301 \u202e"), 200,
+         ["👍🏽 مرحبا שלום e\u0301 \u202e"], answer="buffered"),
+    Case("NUL bytes in text", body(text="a\u0000b"), 200, ["a\ufffdb"], answer="buffered"),
+    Case("timestamp as a number", body(timestamp=1762478993), 200, [TEXT], answer="buffered"),
+    Case("timestamp as a string", body(timestamp="1762478993"), 200, [TEXT], answer="buffered"),
+    Case("timestamp missing", body(timestamp=None), 200, [TEXT], answer="buffered"),
+    Case("owner true (an operator's message)", body(owner=True), 200, answer="ignored"),
+    Case("unknown eventType", body(eventType="somethingNew"), 200, answer="ignored"),
+    Case("message_bsuid without waId", json.dumps(sample("message-bsuid")).encode(), 200, ["Hello again"],
+         answer="buffered"),
+    Case("a huge number of fields", json.dumps({**sample("message-text"),
+                                                **{f"field{n}": n for n in range(10_000)}}).encode(), 200,
+         [TEXT], answer="buffered"),
+    Case("charset in content type", body(), 200, [TEXT], content_type="application/json; charset=utf-8",
+         answer="buffered"),
+]
+
+
+@pytest.fixture
+def app(run_app: Callable[..., RunningApp], database_url: str) -> RunningApp:
+    return run_app(app_settings(database_url, sweeper=False, buffer_seconds=60))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_table(app: RunningApp, sql: Sql, case: Case) -> None:
+    """Each body gets its precise status and message, and the database holds exactly what was valid."""
+    response = app.client.post("/webhook", content=case.content, params={"passkey": PASSKEY},
+                               headers={"content-type": case.content_type})
+    assert response.status_code == case.status, response.text
+    if case.detail is not None:
+        assert case.detail in response.json()["detail"]
+    if case.answer is not None:
+        assert response.json() == {"status": case.answer}
+    assert [row[0] for row in sql("SELECT text FROM watibot.message ORDER BY id")] == case.stored_texts
+
+
+def test_duplicate_and_out_of_order_deliveries(app: RunningApp, sql: Sql) -> None:
+    """A duplicate id is stored once; an older message delivered later is stored and ordered by its timestamp."""
+    newer = sample("message-text", whatsappMessageId="wamid.new", text="newer", timestamp="1762479000")
+    older = sample("message-text", whatsappMessageId="wamid.old", text="older", timestamp="1762478000")
+    assert app.post(newer).json() == {"status": "buffered"}
+    assert app.post(older).json() == {"status": "buffered"}
+    assert app.post(newer).json() == {"status": "duplicate"}
+    assert sql("SELECT text FROM watibot.message ORDER BY wati_timestamp") == [("older",), ("newer",)]
+
+
+def test_lying_content_length_stores_nothing(app: RunningApp, sql: Sql) -> None:
+    """A Content-Length smaller than the body sent: the server reads only what was declared, which is not valid."""
+    import socket
+
+    payload = body(text="x" * 1000)
+    request = (f"POST /webhook?passkey={PASSKEY} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: 20\r\nConnection: close\r\n\r\n").encode() + payload
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = connection.recv(65536).decode(errors="replace")
+    assert answer.split(" ")[1] in {"400", "422"}
+    assert sql("SELECT count(*) FROM watibot.message") == [(0,)]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+WATI_KEYS = ["eventType", "owner", "waId", "bsuid", "whatsappMessageId", "id", "text", "type", "timestamp",
+             "channelPhoneNumber", "data"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(WATI_KEYS) | st.text(max_size=10), json_values, max_size=12))
+def test_parser_accepts_or_explains_any_json_object(value: dict[str, Any]) -> None:
+    """For any JSON object the parser returns an event or a PayloadError — never another exception."""
+    try:
+        event = parse_event(decode_body(json.dumps(value).encode()))
+    except PayloadError as error:
+        assert str(error)
+    else:
+        assert isinstance(event, CustomerMessage | OtherEvent)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    wa_id=st.from_regex(r"[0-9]{5,20}", fullmatch=True),
+    text=st.text(),
+    message_id=st.text(min_size=1, max_size=100).filter(lambda s: s.strip() != ""),
+    timestamp=st.integers(min_value=946_684_800, max_value=4_102_444_800),
+)
+def test_parser_keeps_every_customer_message_intact(wa_id: str, text: str, message_id: str, timestamp: int) -> None:
+    """Any well-formed customer message parses, with its text kept (NUL replaced) and its ids unchanged."""
+    raw = {"eventType": "message", "owner": False, "waId": wa_id, "whatsappMessageId": message_id, "text": text,
+           "timestamp": str(timestamp)}
+    event = parse_event(decode_body(json.dumps(raw).encode()))
+    assert isinstance(event, CustomerMessage)
+    assert event.customer == wa_id
+    assert event.provider_message_id == message_id.strip()
+    assert event.text == text.replace("\x00", "\ufffd")
+    assert event.wati_timestamp is not None and int(event.wati_timestamp.timestamp()) == timestamp

@@ -1,0 +1,74 @@
+"""Secrets stay secret, only the authenticated webhook changes state, and no SQL is built from strings."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import PASSKEY, ServeProcess, customer_message, serve_environment, wait_until
+from tests.fakes import Answer, FakeAgent, FakeWati
+from watibot.app import create_app
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "watibot"
+WATI_TOKEN = "test-wati-token-secret"
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def test_no_secret_appears_in_logs_or_error_bodies(
+    serve: Callable[..., ServeProcess], database_url: str, fake_wati: FakeWati, fake_agent: FakeAgent, sql: Sql
+) -> None:
+    """At debug level, through accepted and refused webhooks and failing WATI calls, no passkey or token is logged."""
+    fake_wati.default = lambda request: Answer(status=401, body={"error": "unauthorized"})
+    process = serve(serve_environment(database_url, fake_wati, WATIBOT_LOG_LEVEL="debug", WATIBOT_AGENT="http",
+                                      WATIBOT_AGENT_URL=fake_agent.url), workers=1)
+    bodies = []
+    for passkey in (PASSKEY, PASSKEY[:-1] + "x", ""):
+        response = httpx.post(f"{process.url}/webhook", params={"passkey": passkey},
+                              json=customer_message("50376819621", "secret check"))
+        bodies.append(response.text)
+    response = httpx.post(f"{process.url}/webhook", json={**customer_message("50376819621", "b"), "passkey": "z" * 20})
+    bodies.append(response.text)
+    wait_until(lambda: sql("SELECT 1 FROM watibot.burst WHERE status = 'dead'"), what="the WATI failure")
+    process.stop()
+    log = process.log_path.read_text()
+    assert "buffered" in log, "debug logging was on"
+    for secret in (PASSKEY, WATI_TOKEN, "z" * 20):
+        assert secret not in log
+        assert all(secret not in body for body in bodies)
+    assert sql("SELECT count(*) FROM watibot.message WHERE payload ? 'passkey'") == [(0,)]
+
+
+def test_only_the_webhook_accepts_state_changing_methods() -> None:
+    """Every route other than the authenticated /webhook is read-only (GET/HEAD)."""
+    app = create_app()
+    for route in app.routes:
+        methods = getattr(route, "methods", set()) or set()
+        if methods - {"GET", "HEAD"}:
+            assert route.path == "/webhook", f"{route.path} changes state without the passkey check"  # type: ignore[attr-defined]
+
+
+_SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|WHERE)\b")
+
+
+def test_no_sql_is_built_by_string_formatting() -> None:
+    """No f-string, %-format or .format() in the package builds SQL: every value travels as a query parameter."""
+    offenders = []
+    for path in SOURCE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            text = None
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant):
+                text = str(node.left.value)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format"
+                  and isinstance(node.func.value, ast.Constant)):
+                text = str(node.func.value.value)
+            if text and _SQL_WORDS.search(text):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
