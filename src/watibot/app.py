@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from watibot import db
-from watibot.clients import WatiClient, build_agent, http_client
+from watibot.agents import build_agent
+from watibot.clients import WatiClient, http_client
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging
 from watibot.pipeline import Pipeline

@@ -1,4 +1,4 @@
-"""Outbound HTTP: the WATI send API and the agents.
+"""Outbound HTTP: the client factory and the WATI send API (agents live in `watibot.agents`).
 
 Every failure is classified where it happens, because the pipeline's choices hang on it:
 - `SendRejected`: WATI certainly did not accept the message (connection refused, an error status) — safe to
@@ -9,21 +9,15 @@ Every failure is classified where it happens, because the pipeline's choices han
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from email.utils import parsedate_to_datetime
 
 import httpx
 
 from watibot.settings import Settings
 
 WATI_MAX_TEXT = 4096
-_TRANSIENT_STATUS = frozenset({408, 425, 429})
+TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 
 def http_client(timeout: float, limit: int) -> httpx.AsyncClient:
@@ -65,16 +59,7 @@ class SendUnknown(Exception):
     """The message may or may not have reached WATI."""
 
 
-class AgentError(Exception):
-    """The agent gave no usable reply; `permanent` when retrying cannot help."""
-
-    def __init__(self, detail: str, *, permanent: bool = False, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.permanent = permanent
-        self.retry_after = retry_after
-
-
-def _describe_status(response: httpx.Response) -> str:
+def describe_status(response: httpx.Response) -> str:
     snippet = response.text[:200].replace("\n", " ") if response.content else ""
     return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
 
@@ -105,124 +90,12 @@ class WatiClient:
         if response.is_success:
             return
         status = response.status_code
-        transient = status >= 500 or status in _TRANSIENT_STATUS
+        transient = status >= 500 or status in TRANSIENT_STATUS
         raise SendRejected(
-            f"WATI answered {_describe_status(response)}",
+            f"WATI answered {describe_status(response)}",
             permanent=not transient,
             retry_after=retry_after_seconds(response.headers.get("retry-after")),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class AgentMessage:
-    """One message of a burst as an agent receives it."""
-
-    id: int
-    whatsapp_message_id: str
-    type: str
-    text: str | None
-    timestamp: str | None
-    description: str
-
-
-@dataclass(frozen=True, slots=True)
-class AgentRequest:
-    """Everything an agent is given for one burst."""
-
-    conversation: str
-    wa_id: str | None
-    burst_id: int
-    messages: list[AgentMessage]
-    prompt: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Agent(Protocol):
-    """Turns a burst into one reply; None means "say nothing"."""
-
-    async def reply(self, request: AgentRequest) -> str | None: ...
-
-
-class EchoAgent:
-    """The default agent: replies with what it received, so a newcomer sees the whole path work."""
-
-    async def reply(self, request: AgentRequest) -> str | None:
-        count = len(request.messages)
-        lines = [f"Received {count} message{'s' if count != 1 else ''}:"]
-        lines += [f"{number}. {message.description}" for number, message in enumerate(request.messages, 1)]
-        return "\n".join(lines)
-
-
-class HttpAgent:
-    """POSTs the burst as JSON to `WATIBOT_AGENT_URL` and expects `{"reply": "text" | null}`."""
-
-    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
-        self.url = url
-        self.client = client
-
-    async def reply(self, request: AgentRequest) -> str | None:
-        body = {
-            "conversation": request.conversation,
-            "wa_id": request.wa_id,
-            "burst_id": request.burst_id,
-            "messages": [
-                {key: value for key, value in asdict(message).items() if key != "description"}
-                for message in request.messages
-            ],
-            "prompt": request.prompt,
-        }
-        try:
-            response = await self.client.post(self.url, json=body)
-        except httpx.TimeoutException:
-            raise AgentError("agent timed out") from None
-        except httpx.TransportError as error:
-            raise AgentError(f"agent not reachable: {type(error).__name__}") from None
-        if not response.is_success:
-            status = response.status_code
-            raise AgentError(
-                f"agent answered {_describe_status(response)}",
-                permanent=400 <= status < 500 and status not in _TRANSIENT_STATUS,
-                retry_after=retry_after_seconds(response.headers.get("retry-after")),
-            )
-        try:
-            data = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise AgentError("agent answered a body that is not JSON") from None
-        if not isinstance(data, dict) or "reply" not in data:
-            raise AgentError('agent answer lacks "reply" (expected {"reply": "text"} or {"reply": null})')
-        reply = data["reply"]
-        if reply is not None and not isinstance(reply, str):
-            raise AgentError('agent "reply" must be a string or null')
-        return reply
-
-
-class CallableAgent:
-    """Wraps `async def fn(request: AgentRequest) -> str | None` named as `package.module:fn`."""
-
-    def __init__(self, target: str) -> None:
-        module_name, _, attribute = target.partition(":")
-        function = getattr(importlib.import_module(module_name), attribute)
-        if not inspect.iscoroutinefunction(function):
-            raise TypeError(f"WATIBOT_AGENT={target} must name an async function")
-        self.function: Callable[[AgentRequest], Awaitable[str | None]] = function
-
-    async def reply(self, request: AgentRequest) -> str | None:
-        try:
-            return await self.function(request)
-        except AgentError:
-            raise
-        except Exception as error:
-            raise AgentError(f"agent function raised {type(error).__name__}: {error}") from error
-
-
-def build_agent(settings: Settings, client: httpx.AsyncClient) -> Agent:
-    """The agent named by `WATIBOT_AGENT`."""
-    if settings.agent == "echo":
-        return EchoAgent()
-    if settings.agent == "http":
-        assert settings.agent_url is not None
-        return HttpAgent(settings.agent_url, client)
-    return CallableAgent(settings.agent)
 
 
 def split_text(text: str, limit: int = WATI_MAX_TEXT) -> list[str]:

@@ -8,16 +8,8 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from watibot.clients import (
-    Agent,
-    AgentError,
-    AgentMessage,
-    AgentRequest,
-    SendRejected,
-    SendUnknown,
-    WatiClient,
-    split_text,
-)
+from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn
+from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseUnavailable, LeaseLost
 from watibot.payload import describe
 from watibot.repository import Burst, Claim, Closed, Repository
@@ -121,9 +113,14 @@ class Pipeline:
             )
             for message in burst.messages
         ]
+        history: list[Turn] = []
+        if self.agent.uses_history:
+            pairs = await self.repository.history(claim, burst, self.settings.history_turns,
+                                                  self.settings.history_chars)
+            history = [Turn(prompt, reply) for prompt, reply in pairs]
         request = AgentRequest(
             conversation=f"{claim.channel}/{claim.customer}", wa_id=claim.wa_id, burst_id=burst.id,
-            messages=messages, prompt=build_prompt(messages),
+            messages=messages, prompt=build_prompt(messages), history=history,
         )
         started = datetime.now(UTC)
         try:

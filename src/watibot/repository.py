@@ -218,6 +218,14 @@ RETURN_BURST = """
 UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1 WHERE id = $1
 """
 
+# The customer's earlier answered bursts, newest first, for an agent's memory.
+HISTORY = """
+SELECT prompt, reply FROM watibot.burst
+WHERE channel = $1 AND customer = $2 AND id < $3 AND status = 'sent' AND prompt IS NOT NULL AND reply IS NOT NULL
+ORDER BY id DESC
+LIMIT $4
+"""
+
 STATUS = """
 SELECT
     count(*) FILTER (WHERE due_at > now() AND claimed_by IS NULL) AS buffering,
@@ -494,6 +502,21 @@ class Repository:
             if burst is not None:
                 await conn.execute(RETURN_BURST, burst.id)
             await conn.execute(RELEASE_FOR_RETRY, claim.channel, claim.customer, 0.0, 0, None)
+
+    async def history(self, claim: Claim, burst: Burst, turns: int, chars: int) -> list[tuple[str, str]]:
+        """Up to `turns` earlier (prompt, reply) pairs of the conversation, oldest first, within `chars` in all."""
+        if turns <= 0:
+            return []
+        async with connection(self.pool, self.timeout) as conn:
+            rows = await conn.fetch(HISTORY, claim.channel, claim.customer, burst.id, turns)
+        kept: list[tuple[str, str]] = []
+        budget = chars
+        for row in rows:
+            budget -= len(row["prompt"]) + len(row["reply"])
+            if budget < 0:
+                break
+            kept.append((row["prompt"], row["reply"]))
+        return kept[::-1]
 
     # -- operators --
 

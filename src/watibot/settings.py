@@ -56,9 +56,19 @@ class Settings(BaseSettings):
     buffer_seconds: Annotated[float, Field(ge=0)] = 65.0
     buffer_mode: BufferMode = BufferMode.FIXED
     buffer_max_seconds: Annotated[float, Field(gt=0)] = 300.0
-    agent: str = Field(default="echo", description="echo | http | package.module:callable")
+    agent: str = Field(default="echo", description="echo | http | openai | package.module:callable")
     agent_url: str | None = None
     agent_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model: str = "gpt-4o-mini"
+    system_prompt: str = (
+        "You answer WhatsApp messages for a business. The customer may send several messages in a row; "
+        "answer all of them in one short, friendly reply in the customer's language."
+    )
+    system_prompt_file: Path | None = None
+    history_turns: Annotated[int, Field(ge=0)] = 10
+    history_chars: Annotated[int, Field(ge=0)] = 8000
     concurrency: Annotated[int, Field(gt=0, le=10_000)] = 32
     lease_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_attempts: Annotated[int, Field(gt=0)] = 5
@@ -76,9 +86,9 @@ class Settings(BaseSettings):
     @field_validator("agent")
     @classmethod
     def _known_agent(cls, value: str) -> str:
-        if value in {"echo", "http"} or _AGENT_CALLABLE.match(value):
+        if value in {"echo", "http", "openai"} or _AGENT_CALLABLE.match(value):
             return value
-        raise ValueError("must be 'echo', 'http' or 'package.module:callable'")
+        raise ValueError("must be 'echo', 'http', 'openai' or 'package.module:callable'")
 
     @field_validator("webhook_passkey")
     @classmethod
@@ -100,6 +110,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.agent == "http" and not self.agent_url:
             raise ValueError("WATIBOT_AGENT_URL is required when WATIBOT_AGENT=http")
+        if self.system_prompt_file is not None and not Path(self.system_prompt_file).is_file():
+            raise ValueError(f"WATIBOT_SYSTEM_PROMPT_FILE: no such file {self.system_prompt_file}")
         if self.lease_seconds <= self.wati_timeout_seconds:
             raise ValueError(
                 "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS "
