@@ -77,7 +77,7 @@ CASES = [
     Case("timestamp as a number", body(timestamp=1762478993), 200, [TEXT], answer="buffered"),
     Case("timestamp as a string", body(timestamp="1762478993"), 200, [TEXT], answer="buffered"),
     Case("timestamp missing", body(timestamp=None), 200, [TEXT], answer="buffered"),
-    Case("owner true (an operator's message)", body(owner=True), 200, answer="ignored"),
+    Case("owner true (an operator's message: pauses the bot)", body(owner=True), 200, answer="paused"),
     Case("unknown eventType", body(eventType="somethingNew"), 200, answer="ignored"),
     Case("message_bsuid without waId", json.dumps(sample("message-bsuid")).encode(), 200, ["Hello again"],
          answer="buffered"),
@@ -166,6 +166,6 @@ def test_parser_keeps_every_customer_message_intact(wa_id: str, text: str, messa
     event = parse_event(decode_body(json.dumps(raw).encode()))
     assert isinstance(event, CustomerMessage)
     assert event.customer == wa_id
-    assert event.provider_message_id == message_id.strip()
+    assert event.provider_message_id == message_id.replace("\x00", "\ufffd").strip()
     assert event.text == text.replace("\x00", "\ufffd")
     assert event.wati_timestamp is not None and int(event.wati_timestamp.timestamp()) == timestamp

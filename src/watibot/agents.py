@@ -185,17 +185,22 @@ def system_prompt(settings: Settings) -> str:
     return settings.system_prompt
 
 
+def load_callable(target: str) -> Callable[..., Awaitable[Any]]:
+    """Import the async function named `package.module:function`."""
+    module_name, _, attribute = target.partition(":")
+    function = getattr(importlib.import_module(module_name), attribute)
+    if not inspect.iscoroutinefunction(function):
+        raise TypeError(f"{target} must name an async function")
+    return function  # type: ignore[no-any-return]
+
+
 class CallableAgent:
     """Wraps `async def fn(request: AgentRequest) -> str | None` named as `package.module:fn`."""
 
     uses_history = True
 
     def __init__(self, target: str) -> None:
-        module_name, _, attribute = target.partition(":")
-        function = getattr(importlib.import_module(module_name), attribute)
-        if not inspect.iscoroutinefunction(function):
-            raise TypeError(f"WATIBOT_AGENT={target} must name an async function")
-        self.function: Callable[[AgentRequest], Awaitable[str | None]] = function
+        self.function: Callable[[AgentRequest], Awaitable[str | None]] = load_callable(target)
 
     async def reply(self, request: AgentRequest) -> str | None:
         try:

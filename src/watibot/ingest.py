@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from watibot.db import DatabaseUnavailable
-from watibot.payload import CustomerMessage, PayloadError, decode_body, parse_event
+from watibot.payload import DeliveryUpdate, OperatorMessage, OtherEvent, PayloadError, decode_body, parse_event
 
 log = logging.getLogger("watibot.ingest")
 router = APIRouter()
@@ -83,7 +83,8 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
     "/webhook",
     openapi_extra=_WEBHOOK_BODY_SCHEMA,
     responses={
-        200: {"description": 'Stored or acknowledged: {"status": "buffered" | "duplicate" | "ignored"}'},
+        200: {"description": 'Stored or acknowledged: {"status": "buffered" | "duplicate" | "paused" | '
+                             '"recorded" | "ignored"}'},
         401: {"description": "Missing or wrong passkey"},
         413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
         415: {"description": "Content-Type is not JSON"},
@@ -121,10 +122,16 @@ async def webhook(request: Request) -> JSONResponse:
         parsed = parse_event(event)
     except PayloadError as error:
         return _error(422, str(error))
-    if not isinstance(parsed, CustomerMessage):
+    if isinstance(parsed, OtherEvent):
         log.debug("ignored event %s", parsed.event_type)
         return JSONResponse({"status": "ignored"})
     try:
+        if isinstance(parsed, OperatorMessage):
+            paused = await state.repository.operator_message(parsed)
+            return JSONResponse({"status": "paused" if paused else "ignored"})
+        if isinstance(parsed, DeliveryUpdate):
+            known = await state.repository.delivery_update(parsed)
+            return JSONResponse({"status": "recorded" if known else "ignored"})
         result = await state.repository.ingest(parsed)
     except DatabaseUnavailable as error:
         log.warning("webhook refused, database unavailable: %s", error)

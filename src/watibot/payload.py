@@ -13,6 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 CUSTOMER_EVENTS = frozenset({"message", "message_bsuid"})
+OPERATOR_EVENTS = frozenset({"sessionMessageSent", "sessionMessageSent_v2"})
+DELIVERY_EVENTS = {
+    f"{name}{suffix}": state
+    for name, state in (("sentMessageDELIVERED", "delivered"), ("sentMessageREAD", "read"),
+                        ("sentMessageREPLIED", "replied"), ("sessionMessageFailed", "failed"))
+    for suffix in ("", "_v2")
+}
+_OUR_LOCAL_ID = re.compile(r"^([0-9]{1,18})(?:\.[0-9]{1,4})?$")
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 MAX_ID_LENGTH = 512
 # WATI payloads are a few levels deep; far deeper ones are refused before PostgreSQL's jsonb parser could hit
@@ -39,6 +47,25 @@ class CustomerMessage:
     text: str | None
     wati_timestamp: datetime | None
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorMessage:
+    """Someone wrote to the customer from the WATI side: a human operator, unless it is one of our replies."""
+
+    channel: str
+    customer: str
+    wa_id: str | None
+    our_burst_id: int | None  # set when localMessageId names one of our bursts
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    """WATI's report on a reply we sent (recognised by our localMessageId)."""
+
+    burst_id: int
+    state: str  # delivered | read | replied | failed
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,24 +143,51 @@ def parse_timestamp(value: Any) -> datetime | None:
     return datetime.fromtimestamp(seconds, tz=UTC)
 
 
-def parse_event(body: dict[str, Any]) -> CustomerMessage | OtherEvent:
-    """Classify a decoded webhook body: a customer message to buffer, or another event to acknowledge."""
+def our_burst_id(local_message_id: Any) -> int | None:
+    """The burst id in a localMessageId we set ("123" or "123.2"), or None for anyone else's."""
+    if not isinstance(local_message_id, str):
+        return None
+    match = _OUR_LOCAL_ID.match(local_message_id)
+    return int(match.group(1)) if match else None
+
+
+def _customer_key(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    wa_id = _optional_string(body, "waId")
+    if wa_id is not None and not _DIGITS.match(wa_id):
+        raise PayloadError("field 'waId' must be the customer's number: 5 to 20 digits, no '+'")
+    return _optional_string(body, "bsuid") or wa_id, wa_id
+
+
+def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | DeliveryUpdate | OtherEvent:
+    """Classify a decoded webhook body: a customer message to buffer, an operator's message, a delivery report
+    on one of our replies, or another event to acknowledge."""
     event_type = body.get("eventType")
     if not isinstance(event_type, str) or not event_type:
         raise PayloadError("missing field 'eventType'")
     owner = body.get("owner", False)
     if not isinstance(owner, bool):
         raise PayloadError("field 'owner' must be true or false")
-    if event_type not in CUSTOMER_EVENTS or owner:
+    if event_type in DELIVERY_EVENTS:
+        burst_id = our_burst_id(body.get("localMessageId"))
+        if burst_id is None:
+            return OtherEvent(event_type)
+        error = None
+        if DELIVERY_EVENTS[event_type] == "failed":
+            error = f"{body.get('failedCode')}: {body.get('failedDetail')}"[:1000]
+        return DeliveryUpdate(burst_id, DELIVERY_EVENTS[event_type], error)
+    if event_type in OPERATOR_EVENTS or (event_type in CUSTOMER_EVENTS and owner):
+        customer, wa_id = _customer_key(body)
+        if customer is None:
+            return OtherEvent(event_type)
+        channel = _optional_string(body, "channelPhoneNumber") or ""
+        return OperatorMessage(channel, customer, wa_id, our_burst_id(body.get("localMessageId")))
+    if event_type not in CUSTOMER_EVENTS:
         return OtherEvent(event_type)
 
     provider_message_id = _optional_string(body, "whatsappMessageId") or _optional_string(body, "id")
     if provider_message_id is None:
         raise PayloadError("missing field 'whatsappMessageId' (and no 'id' to fall back on)")
-    wa_id = _optional_string(body, "waId")
-    if wa_id is not None and not _DIGITS.match(wa_id):
-        raise PayloadError("field 'waId' must be the customer's number: 5 to 20 digits, no '+'")
-    customer = _optional_string(body, "bsuid") or wa_id
+    customer, wa_id = _customer_key(body)
     if customer is None:
         raise PayloadError("missing field 'waId' (or 'bsuid')")
     message_type = _optional_string(body, "type") or "text"

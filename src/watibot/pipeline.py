@@ -8,11 +8,11 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn
+from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseUnavailable, LeaseLost
 from watibot.payload import describe
-from watibot.repository import Burst, Claim, Closed, Repository
+from watibot.repository import BufferedMessage, Burst, Claim, Closed, Repository
 from watibot.settings import Settings
 
 log = logging.getLogger("watibot.pipeline")
@@ -40,6 +40,7 @@ class Pipeline:
         self.agent = agent
         self.wati = wati
         self.schedule_hint = schedule_hint
+        self.media_resolver = load_callable(settings.media_resolver) if settings.media_resolver else None
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter, at least what the server asked for."""
@@ -68,6 +69,12 @@ class Pipeline:
         try:
             parts = await self._reply_parts(claim, burst)
             if parts is None:
+                return
+            if burst.parts_sent == 0 and not await self.repository.session_window_open(claim):
+                reason = (f"not sent: the customer's latest message is older than WhatsApp's "
+                          f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
+                log.warning("%s", reason, extra=context)
+                await self._close(claim, burst, "expired", reason, context)
                 return
             sending = True
             for part in range(burst.parts_sent, len(parts)):
@@ -109,7 +116,7 @@ class Pipeline:
                 type=message.type,
                 text=message.text,
                 timestamp=message.wati_timestamp.isoformat() if message.wati_timestamp else None,
-                description=describe(message.type, message.text, message.data),
+                description=await self._describe(message),
             )
             for message in burst.messages
         ]
@@ -132,9 +139,23 @@ class Pipeline:
             wait = await self.repository.complete(claim, burst, "no_reply", request.prompt, started)
             self.schedule_hint(wait)
             return None
+        if self.settings.supersede and await self.repository.has_newer_messages(claim, burst):
+            log.info("newer messages arrived while the agent worked: reply discarded, burst enlarged",
+                     extra={"conversation": request.conversation, "burst": burst.id})
+            self.schedule_hint(await self.repository.supersede(claim, burst, request.prompt, reply, started))
+            return None
         parts = split_text(reply)
         await self.repository.record_reply(claim, burst, request.prompt, reply, len(parts), started)
         return parts
+
+    async def _describe(self, message: BufferedMessage) -> str:
+        """The message's line in the prompt; a configured media resolver describes non-text messages."""
+        if self.media_resolver is not None and message.type != "text":
+            try:
+                return await self.media_resolver(message)
+            except Exception as error:  # noqa: BLE001 - a resolver failure must not lose the message
+                log.warning("media resolver failed for message %s: %s", message.id, error)
+        return describe(message.type, message.text, message.data)
 
     async def _failed(
         self, claim: Claim, burst: Burst, error: AgentError | SendRejected, context: dict[str, object]

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from watibot.db import LeaseLost, connection, translate_errors
-from watibot.payload import CustomerMessage
+from watibot.payload import CustomerMessage, DeliveryUpdate, OperatorMessage
 from watibot.settings import Settings
 
 # -- ingest ---------------------------------------------------------------------------------------------------
@@ -56,6 +56,41 @@ SELECT new_message.id AS message_id, new_message.received_at, pushed.due_at
 FROM (SELECT 1) AS one
 LEFT JOIN new_message ON true
 LEFT JOIN pushed ON true
+"""
+
+# An operator wrote to the customer: pause the bot for the conversation. A conversation that is buffering is
+# pushed to the end of the pause; a claimed one finds the pause when it next begins a burst.
+OPERATOR_MESSAGE = """
+INSERT INTO watibot.conversation AS c (channel, customer, wa_id, paused_until, human_message_at)
+SELECT $1, $2, $3, now() + make_interval(secs => $4), now()
+WHERE NOT EXISTS (SELECT 1 FROM watibot.burst WHERE id = $5)
+ON CONFLICT (channel, customer) DO UPDATE SET
+    paused_until = GREATEST(c.paused_until, EXCLUDED.paused_until),
+    human_message_at = EXCLUDED.human_message_at,
+    due_at = CASE WHEN c.claimed_by IS NULL AND c.due_at IS NOT NULL
+                  THEN GREATEST(c.due_at, EXCLUDED.paused_until) ELSE c.due_at END,
+    updated_at = now()
+RETURNING 1
+"""
+
+# WATI's report on a reply we sent. A failed delivery is never re-sent automatically (WATI accepted the message
+# once; a repeat could reach the customer twice, and 24-hour window failures cannot succeed): the burst goes to
+# attention with the reason.
+DELIVERY_UPDATE = """
+UPDATE watibot.burst SET
+    delivery_status = CASE
+        WHEN $2 = 'failed' OR delivery_status = 'failed' THEN 'failed'
+        WHEN $2 = 'replied' OR delivery_status = 'replied' THEN 'replied'
+        WHEN $2 = 'read' OR delivery_status = 'read' THEN 'read'
+        ELSE 'delivered' END,
+    delivered_at = CASE WHEN $2 <> 'failed' THEN COALESCE(delivered_at, now()) ELSE delivered_at END,
+    read_at = CASE WHEN $2 IN ('read', 'replied') THEN COALESCE(read_at, now()) ELSE read_at END,
+    delivery_error = COALESCE($3, delivery_error),
+    status = CASE WHEN $2 = 'failed' AND status = 'sent' THEN 'attention' ELSE status END,
+    error = CASE WHEN $2 = 'failed' THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || $3
+                 ELSE error END
+WHERE id = $1
+RETURNING id
 """
 
 # -- claim ------------------------------------------------------------------------------------------------------
@@ -101,7 +136,7 @@ RETURNING c.channel, c.customer
 """
 
 LOCK_FENCED = """
-SELECT wa_id FROM watibot.conversation
+SELECT wa_id, paused_until > now() AS paused, human_message_at FROM watibot.conversation
 WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
 FOR UPDATE
 """
@@ -201,6 +236,48 @@ UPDATE watibot.conversation AS c SET
 FROM buffered
 WHERE c.channel = $1 AND c.customer = $2
 RETURNING c.due_at - now() AS wait
+"""
+
+# Messages an operator already answered: buffered ones received before the operator's latest message.
+HUMAN_ANSWERED = """
+SELECT m.id FROM watibot.message AS m
+JOIN watibot.conversation AS c USING (channel, customer)
+WHERE m.channel = $1 AND m.customer = $2 AND m.burst_id IS NULL AND m.received_at <= c.human_message_at
+ORDER BY m.id
+"""
+
+INSERT_CLOSED_BURST = """
+INSERT INTO watibot.burst (channel, customer, message_ids, fence, claimed_by, status, error, finished_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+RETURNING id
+"""
+
+# Release a paused conversation until its pause ends; the buffer stays as it is.
+RELEASE_UNTIL_PAUSE_ENDS = """
+UPDATE watibot.conversation SET
+    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = paused_until, updated_at = now()
+WHERE channel = $1 AND customer = $2
+RETURNING due_at - now() AS wait
+"""
+
+NEWER_MESSAGES = """
+SELECT EXISTS (
+    SELECT 1 FROM watibot.message
+    WHERE channel = $1 AND customer = $2 AND burst_id IS NULL AND NOT (id = ANY($3::bigint[]))
+)
+"""
+
+# The newest customer message (WATI's timestamp, else arrival) must be within WhatsApp's session window.
+SESSION_WINDOW_OPEN = """
+SELECT max(COALESCE(wati_timestamp, received_at)) > now() - make_interval(secs => $3)
+FROM watibot.message WHERE channel = $1 AND customer = $2
+"""
+
+SUPERSEDE_BURST = """
+UPDATE watibot.burst SET status = 'superseded', finished_at = now(), prompt = $2, reply = $3,
+    agent_started_at = $4, agent_finished_at = now(),
+    error = 'newer messages arrived before the reply was sent: the next burst answers them all'
+WHERE id = $1
 """
 
 SCHEDULE_RETRY = """
@@ -310,6 +387,17 @@ def _seconds(value: Any) -> float | None:
     return None if value is None else float(value.total_seconds())
 
 
+class _Held:
+    """A connection inside a fenced transaction, with the conversation row it locked."""
+
+    def __init__(self, conn: asyncpg.Connection, held: asyncpg.Record) -> None:
+        self._conn = conn
+        self.held = held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 class Repository:
     """Database operations over one pool."""
 
@@ -343,6 +431,21 @@ class Repository:
             wait = (row["due_at"] - row["received_at"]).total_seconds()
         return IngestResult(duplicate=False, wait_seconds=wait)
 
+    async def operator_message(self, event: OperatorMessage) -> bool:
+        """Pause the bot for the customer an operator wrote to; False when the message was one of our replies."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchval(
+                OPERATOR_MESSAGE, event.channel, event.customer, event.wa_id, self.settings.human_pause_seconds,
+                event.our_burst_id,
+            )
+        return row is not None
+
+    async def delivery_update(self, event: DeliveryUpdate) -> bool:
+        """Record WATI's delivery report on one of our bursts; False when no such burst exists."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchval(DELIVERY_UPDATE, event.burst_id, event.state, event.error)
+        return row is not None
+
     # -- claims --
 
     async def claim_due(self, owner: str, limit: int) -> list[Claim]:
@@ -374,13 +477,16 @@ class Repository:
         return {(row["channel"], row["customer"]) for row in rows}
 
     @contextlib.asynccontextmanager
-    async def _fenced(self, claim: Claim) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction that holds the conversation row, entered only while `claim` is still current."""
+    async def _fenced(self, claim: Claim) -> AsyncIterator[Any]:
+        """A transaction that holds the conversation row, entered only while `claim` is still current.
+
+        The connection it yields carries the locked row as `.held` (pause state for `begin_burst`).
+        """
         async with connection(self.pool, self.timeout) as conn, conn.transaction():
             held = await conn.fetchrow(LOCK_FENCED, claim.channel, claim.customer, claim.fence, claim.owner)
             if held is None:
                 raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
-            yield conn
+            yield _Held(conn, held)
 
     async def _release(self, conn: asyncpg.Connection, claim: Claim) -> float | None:
         s = self.settings
@@ -408,7 +514,12 @@ class Repository:
         parts already accepted; one without a reply is rebuilt from the whole buffer.
         """
         async with self._fenced(claim) as conn:
+            if conn.held["paused"]:
+                wait = await conn.fetchval(RELEASE_UNTIL_PAUSE_ENDS, claim.channel, claim.customer)
+                return Closed("paused", _seconds(wait))
             open_burst = await conn.fetchrow(OPEN_BURST, claim.channel, claim.customer)
+            if conn.held["human_message_at"] is not None and self.settings.human_answered == "skip":
+                open_burst = await self._close_human_answered(conn, claim, open_burst)
             if open_burst is not None:
                 burst_id, message_ids = open_burst["id"], open_burst["message_ids"]
                 if open_burst["sending_part"] is not None:
@@ -440,6 +551,28 @@ class Repository:
             )
             assert row is not None
             return Burst(row["id"], row["attempts"], messages, None, None, 0)
+
+    async def _close_human_answered(
+        self, conn: asyncpg.Connection, claim: Claim, open_burst: asyncpg.Record | None
+    ) -> asyncpg.Record | None:
+        """Close, as answered by a human, the buffered messages received before the operator's latest message."""
+        answered = {row["id"] for row in await conn.fetch(HUMAN_ANSWERED, claim.channel, claim.customer)}
+        if not answered:
+            return open_burst
+        reason = "answered by a human operator"
+        if open_burst is not None and set(open_burst["message_ids"]) <= answered:
+            await conn.execute(FINISH_BURST, open_burst["id"], "human", reason, None, None)
+            await conn.execute(CONSUME_MESSAGES, open_burst["id"], open_burst["message_ids"])
+            answered -= set(open_burst["message_ids"])
+            open_burst = None
+        elif open_burst is not None:
+            answered -= set(open_burst["message_ids"])
+        if answered:
+            ids = sorted(answered)
+            burst_id = await conn.fetchval(INSERT_CLOSED_BURST, claim.channel, claim.customer, ids, claim.fence,
+                                           claim.owner, "human", reason)
+            await conn.execute(CONSUME_MESSAGES, burst_id, ids)
+        return open_burst
 
     async def _buffered(self, conn: asyncpg.Connection, claim: Claim) -> list[BufferedMessage]:
         rows = await conn.fetch(BUFFERED_MESSAGES, claim.channel, claim.customer)
@@ -489,6 +622,26 @@ class Repository:
             return await self._close_burst(
                 conn, claim, burst.id, [message.id for message in burst.messages], status, error
             )
+
+    async def has_newer_messages(self, claim: Claim, burst: Burst) -> bool:
+        """Whether messages not in `burst` are buffered for its conversation (they arrived after the claim)."""
+        async with connection(self.pool, self.timeout) as conn:
+            return bool(await conn.fetchval(NEWER_MESSAGES, claim.channel, claim.customer,
+                                            [message.id for message in burst.messages]))
+
+    async def session_window_open(self, claim: Claim) -> bool:
+        """Whether the customer's newest message is inside WhatsApp's free-form session window."""
+        async with connection(self.pool, self.timeout) as conn:
+            return bool(await conn.fetchval(SESSION_WINDOW_OPEN, claim.channel, claim.customer,
+                                            self.settings.session_window_hours * 3600))
+
+    async def supersede(
+        self, claim: Claim, burst: Burst, prompt: str, reply: str, agent_started_at: datetime
+    ) -> float | None:
+        """Discard the unsent reply; the burst's messages stay buffered and join the next, larger burst."""
+        async with self._fenced(claim) as conn:
+            await conn.execute(SUPERSEDE_BURST, burst.id, prompt, reply, agent_started_at)
+            return await self._release(conn, claim)
 
     async def retry_later(self, claim: Claim, burst: Burst, error: str, delay: float) -> None:
         """Release the claim with the conversation due again in `delay` seconds; the burst keeps its state."""

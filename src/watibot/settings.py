@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     system_prompt_file: Path | None = None
     history_turns: Annotated[int, Field(ge=0)] = 10
     history_chars: Annotated[int, Field(ge=0)] = 8000
+    media_resolver: str | None = Field(
+        default=None, description="package.module:function describing a non-text message for the prompt"
+    )
+    human_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0
+    human_answered: Literal["skip", "process"] = "skip"
+    supersede: bool = False
+    session_window_hours: Annotated[float, Field(gt=0)] = 24.0
     concurrency: Annotated[int, Field(gt=0, le=10_000)] = 32
     lease_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_attempts: Annotated[int, Field(gt=0)] = 5
@@ -89,6 +96,15 @@ class Settings(BaseSettings):
         if value in {"echo", "http", "openai"} or _AGENT_CALLABLE.match(value):
             return value
         raise ValueError("must be 'echo', 'http', 'openai' or 'package.module:callable'")
+
+    @field_validator("media_resolver")
+    @classmethod
+    def _callable_name(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not _AGENT_CALLABLE.match(value):
+            raise ValueError("must be 'package.module:function'")
+        return value
 
     @field_validator("webhook_passkey")
     @classmethod

@@ -1,0 +1,7 @@
+"""A media resolver for tests: describes a non-text message from its file reference."""
+
+from watibot.repository import BufferedMessage
+
+
+async def resolve(message: BufferedMessage) -> str:
+    return f"<{message.type} at {message.data} showing a double room> {message.text or ''}".strip()
