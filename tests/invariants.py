@@ -89,7 +89,7 @@ class Load:
                     self.result.acknowledged.add(text)
                     return
                 outcome = f"HTTP {response.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             outcome = type(error).__name__
         self.result.refused[outcome] += 1
         now = time.monotonic()

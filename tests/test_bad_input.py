@@ -10,7 +10,7 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 
 from tests.conftest import PASSKEY, RunningApp, app_settings, sample
 from watibot.payload import CustomerMessage, OtherEvent, PayloadError, decode_body, parse_event

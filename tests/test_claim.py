@@ -15,7 +15,6 @@ from watibot import db
 from watibot.db import LeaseLost
 from watibot.payload import parse_event
 from watibot.repository import Burst, Repository
-from watibot.settings import Settings
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 T = TypeVar("T")

@@ -4,6 +4,7 @@ by the tests), a fake WATI and a fake agent. After every scenario: no acknowledg
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -83,10 +84,8 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 
 def with_stopped_children_resumed(process: ServeProcess) -> None:
     for child in [process.process.pid, *(worker.pid for worker in _children(process))]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def _children(process: ServeProcess) -> list[psutil.Process]:

@@ -6,12 +6,12 @@ import concurrent.futures
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from urllib.parse import urlsplit
 
-from tests.conftest import PASSKEY, RunningApp, customer_message, sample, app_settings, wait_until
+from tests.conftest import PASSKEY, RunningApp, app_settings, customer_message, sample, wait_until
 from tests.fakes import TcpProxy
 
 Sql = Callable[..., list[tuple[Any, ...]]]

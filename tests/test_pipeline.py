@@ -7,8 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.conftest import RunningApp, app_settings, customer_message, wait_until
 from tests.fakes import Answer, FakeAgent, FakeWati
 

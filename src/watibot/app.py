@@ -22,7 +22,7 @@ from watibot.sweeper import Sweeper, new_owner_id
 
 log = logging.getLogger("watibot.app")
 
-PASSKEY_SECRET = "webhook_passkey"
+PASSKEY_SECRET = "webhook_passkey"  # noqa: S105 - the name of the stored secret, not a secret
 
 
 async def resolve_passkey(settings: Settings, repository: Repository) -> bytes:

@@ -77,14 +77,14 @@ async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
 
 
 @contextlib.asynccontextmanager
-async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:  # noqa: ASYNC109
     """Acquire a pooled connection within `timeout`, translating driver errors."""
     with translate_errors():
         async with pool.acquire(timeout=timeout) as conn:
             yield conn
 
 
-async def wait_for_database(url: str, timeout: float) -> None:
+async def wait_for_database(url: str, timeout: float) -> None:  # noqa: ASYNC109 - a startup deadline, not a call timeout
     """Retry connecting with backoff until the database answers or `timeout` seconds pass."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -12,9 +12,8 @@ import pwd
 import shutil
 import socket
 import subprocess
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 with warnings.catch_warnings():
     # The wheel's package import asks platformdirs for a runtime dir and warns when XDG_RUNTIME_DIR is unset;

@@ -89,7 +89,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise PayloadError(f"body must be a JSON object, not {type(value).__name__}")
     if _depth(value) > MAX_DEPTH:
         raise PayloadError(f"body is nested more than {MAX_DEPTH} levels deep")
-    return _without_nul(value)
+    cleaned: dict[str, Any] = _without_nul(value)
+    return cleaned
 
 
 def _depth(value: Any) -> int:

@@ -45,7 +45,7 @@ class Pipeline:
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter, at least what the server asked for."""
         base = self.settings.retry_base_seconds * 2 ** max(0, attempts - 1)
-        delay = min(self.settings.retry_max_seconds, base) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+        delay: float = min(self.settings.retry_max_seconds, base) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
         return max(delay, retry_after or 0.0)
 
     async def process(self, claim: Claim) -> None:
@@ -57,8 +57,10 @@ class Pipeline:
             log.warning("could not begin burst: %s", error, extra=context)
             return
         if isinstance(begun, Closed):
-            if begun.reason != "empty":
+            if begun.reason in {"attention", "dead"}:
                 log.warning("burst closed as %s before processing", begun.reason, extra=context)
+            elif begun.reason == "paused":
+                log.info("conversation paused for a human operator", extra=context)
             self.schedule_hint(begun.wait_seconds)
             return
         burst = begun
@@ -152,8 +154,8 @@ class Pipeline:
         """The message's line in the prompt; a configured media resolver describes non-text messages."""
         if self.media_resolver is not None and message.type != "text":
             try:
-                return await self.media_resolver(message)
-            except Exception as error:  # noqa: BLE001 - a resolver failure must not lose the message
+                return str(await self.media_resolver(message))
+            except Exception as error:
                 log.warning("media resolver failed for message %s: %s", message.id, error)
         return describe(message.type, message.text, message.data)
 

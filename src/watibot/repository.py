@@ -316,7 +316,7 @@ FROM watibot.conversation
 WHERE due_at IS NOT NULL
 """
 
-GET_OR_CREATE_SECRET = """
+GET_OR_CREATE_GENERATED = """
 WITH created AS (
     INSERT INTO watibot.instance_secret (name, value) VALUES ($1, $2)
     ON CONFLICT (name) DO NOTHING
@@ -688,6 +688,6 @@ class Repository:
     async def get_or_create_secret(self, name: str, candidate: str) -> str:
         """Return the stored secret `name`, storing `candidate` first if there is none."""
         async with connection(self.pool, self.timeout) as conn:
-            value = await conn.fetchval(GET_OR_CREATE_SECRET, name, candidate)
+            value = await conn.fetchval(GET_OR_CREATE_GENERATED, name, candidate)
         assert isinstance(value, str)
         return value

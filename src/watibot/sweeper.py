@@ -144,7 +144,7 @@ class Sweeper:
         tasks = [task for _, task in self.in_flight.values()]
         if tasks:
             log.info("waiting up to %.0f s for %d bursts in flight", self.settings.shutdown_grace_seconds, len(tasks))
-            done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
             for task in pending:
                 task.cancel()
             if pending:
