@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
@@ -16,6 +18,7 @@ from watibot.repository import BufferedMessage, Burst, Claim, Closed, Repository
 from watibot.settings import Settings
 
 log = logging.getLogger("watibot.pipeline")
+T = TypeVar("T")
 
 
 def build_prompt(messages: list[AgentMessage]) -> str:
@@ -88,9 +91,11 @@ class Pipeline:
                 except SendRejected:
                     await self.repository.clear_sending(claim, burst)
                     raise
-                await self.repository.mark_part_sent(claim, burst, part)
+                # Only this worker knows WATI accepted the part: keep trying to record it through a short
+                # database outage, or a taker would have to treat the send as unknown.
+                await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
             sending = False
-            wait = await self.repository.complete(claim, burst, "sent")
+            wait = await self._persist(lambda: self.repository.complete(claim, burst, "sent"))
             log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
             self.schedule_hint(wait)
         except SendUnknown as error:
@@ -106,6 +111,24 @@ class Pipeline:
             if not sending:
                 await self._hand_back(claim, burst, context)
             raise
+
+    async def _persist(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Retry a fenced write while the database is unavailable, for at most one lease.
+
+        The fence still guards it: once another worker has taken the conversation over, the write fails with
+        LeaseLost instead.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except DatabaseUnavailable:
+                if loop.time() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _reply_parts(self, claim: Claim, burst: Burst) -> list[str] | None:
         """The reply to send (asking the agent unless a previous attempt recorded one); None if done already."""
