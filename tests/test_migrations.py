@@ -25,7 +25,8 @@ def test_upgrade_downgrade_upgrade(database_url: str, sql: Sql) -> None:
     db.downgrade(database_url, "base")
     assert tables(sql) == ["alembic_version"]
     db.upgrade(database_url)
-    assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message"]
+    assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message",
+                           "pruned_burst_totals"]
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 
@@ -57,3 +58,14 @@ def test_hot_conversation_table_is_tuned_against_bloat(sql: Sql) -> None:
     (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.conversation'::regclass")[0]
     assert "fillfactor=70" in options
     assert any(option.startswith("autovacuum_vacuum_scale_factor") for option in options)
+
+
+def test_burst_table_is_tuned_and_the_operability_revision_downgrades_cleanly(database_url: str, sql: Sql) -> None:
+    """0002 sets fillfactor on burst and drops its views, table and column again on downgrade to 0001."""
+    (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass")[0]
+    assert "fillfactor=80" in options
+    db.downgrade(database_url, "0001_core")
+    assert sql("SELECT count(*) FROM pg_views WHERE schemaname = 'watibot'") == [(0,)]
+    assert sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass") == [(None,)]
+    db.upgrade(database_url)
+    assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]

@@ -22,7 +22,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0001_core"
+SCHEMA_REVISION = "0002_operability"
 
 
 class DatabaseUnavailable(Exception):
