@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from watibot import db
 from watibot.clients import WatiClient, build_agent, http_client
 from watibot.ingest import router as ingest_router
-from watibot.logs import configure_logging
+from watibot.logs import configure_logging, set_worker
 from watibot.pipeline import Pipeline
 from watibot.repository import Repository
 from watibot.settings import Settings, load_settings
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         active = settings or load_settings()
-        configure_logging(active.log_level)
+        configure_logging(active.log_level, active.log_format)
         url = db.resolve_database_url(active)
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
         pool = await db.create_pool(active, url)
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if active.sweeper:
             pipeline = Pipeline(active, repository, build_agent(active, outbound), WatiClient(active, wati_http))
             app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id())
+            set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
             log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
         try:

@@ -69,6 +69,7 @@ async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
         timeout=settings.db_timeout_seconds,
         command_timeout=settings.db_timeout_seconds,
         init=_init_connection,
+        statement_cache_size=settings.db_statement_cache_size,
         server_settings={"application_name": "watibot"},
     )
     await pool
