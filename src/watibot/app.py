@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from watibot import db
-from watibot.clients import WatiClient, build_agent, http_client
+from watibot.clients import build_agent, http_client
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging, set_worker
+from watibot.metrics import TimedWatiClient
+from watibot.metrics import router as metrics_router
 from watibot.pipeline import Pipeline
 from watibot.repository import Repository
 from watibot.settings import Settings, load_settings
@@ -53,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.passkey = await resolve_passkey(active, repository)
         app.state.sweeper = None
         if active.sweeper:
-            pipeline = Pipeline(active, repository, build_agent(active, outbound), WatiClient(active, wati_http))
+            wati = TimedWatiClient(active, wati_http)
+            pipeline = Pipeline(active, repository, build_agent(active, outbound), wati)
             app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id())
             set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
@@ -69,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)
     app.include_router(ingest_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

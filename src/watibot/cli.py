@@ -10,9 +10,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from watibot import db
@@ -35,6 +38,24 @@ def _database(settings: Settings) -> Iterator[str]:
     finally:
         if not was_running:
             cluster.stop()
+
+
+def _metrics_directory() -> tuple[str, bool]:
+    """Where the workers' prometheus-client files go: a fresh directory, or the configured one emptied.
+
+    Set before any worker starts (prometheus_client reads it on import), so that /metrics in any worker sums
+    all of them. Returns the path and whether serve created it (and so removes it on exit).
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # counters of a previous run would be added to this run's
+            stale.unlink()
+        return configured, False
+    created = tempfile.mkdtemp(prefix="watibot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+    return created, True
 
 
 class _Terminated(Exception):
@@ -61,6 +82,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         url = cluster.url()
     else:
         url = settings.database_url
+    metrics_directory, created = _metrics_directory()
     try:
         asyncio.run(db.wait_for_database(url, settings.db_startup_timeout_seconds))
         if not args.no_migrate:
@@ -74,6 +96,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     except _Terminated:
         print("watibot: stopped", file=sys.stderr)
     finally:
+        if created:
+            shutil.rmtree(metrics_directory, ignore_errors=True)
         if cluster is not None:
             cluster.stop()
     return EXIT_OK

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from watibot.db import DatabaseUnavailable
+from watibot.metrics import count_webhook
 from watibot.payload import CustomerMessage, PayloadError, decode_body, parse_event
 
 log = logging.getLogger("watibot.ingest")
@@ -93,6 +94,14 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
 )
 async def webhook(request: Request) -> JSONResponse:
     """Receive one WATI event."""
+    response = await _receive(request)
+    status = count_webhook(response)
+    if response.status_code != 200:
+        log.debug("webhook refused: %d %s", response.status_code, status)
+    return response
+
+
+async def _receive(request: Request) -> JSONResponse:
     state = request.app.state
     expected: bytes = state.passkey
     limit: int = state.settings.webhook_max_body_bytes

@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from watibot import metrics
 from watibot.clients import (
     Agent,
     AgentError,
@@ -58,6 +59,7 @@ class Pipeline:
     async def process(self, claim: Claim) -> None:
         """Run one claimed conversation to a committed outcome, or leave it for the lease to hand over."""
         context = {"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence}
+        metrics.observe_claim(claim)
         try:
             begun = await self.repository.begin_burst(claim)
         except (LeaseLost, DatabaseUnavailable) as error:
