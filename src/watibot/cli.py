@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from watibot.logs import configure_logging, uvicorn_log_config
 from watibot.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("watibot.cli")
 
 @contextlib.contextmanager
 def _database(settings: Settings) -> Iterator[str]:
@@ -76,8 +78,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     cluster = None
     if not settings.database_url:
         cluster = db.embedded_cluster(settings)
-        print(f"watibot: no WATIBOT_DATABASE_URL; starting embedded PostgreSQL in {cluster.data_dir}",
-              file=sys.stderr)
+        log.info("no WATIBOT_DATABASE_URL; starting embedded PostgreSQL in %s", cluster.data_dir)
         cluster.start()
         url = cluster.url()
     else:
@@ -94,7 +95,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             access_log=False, log_config=uvicorn_log_config(settings.log_level, settings.log_format),
         )
     except _Terminated:
-        print("watibot: stopped", file=sys.stderr)
+        log.info("stopped")
     finally:
         if created:
             shutil.rmtree(metrics_directory, ignore_errors=True)
