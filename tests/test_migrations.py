@@ -69,3 +69,27 @@ def test_burst_table_is_tuned_and_the_operability_revision_downgrades_cleanly(da
     assert sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass") == [(None,)]
     db.upgrade(database_url)
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
+
+
+def test_concurrent_migrate_commands_on_an_empty_database_both_succeed(postgres_admin_url: str) -> None:
+    """Two hosts running `watibot migrate` at once (ExecStartPre) serialise on an advisory lock; both exit 0."""
+    import uuid
+
+    from tests.conftest import admin_execute, with_database
+
+    name = f"race_{uuid.uuid4().hex[:8]}"
+    admin_execute(postgres_admin_url, f"CREATE DATABASE {name}")
+    try:
+        base = {key: value for key, value in os.environ.items() if not key.startswith("WATIBOT_")}
+        env = base | {"WATIBOT_DATABASE_URL": with_database(postgres_admin_url, name)}
+        processes = [subprocess.Popen([sys.executable, "-m", "watibot", "migrate"], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        results = [(process.wait(timeout=120), process.stderr.read() if process.stderr else "")
+                   for process in processes]
+        for process in processes:
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        assert [code for code, _ in results] == [0] * 6, results
+    finally:
+        admin_execute(postgres_admin_url, f"DROP DATABASE {name} WITH (FORCE)")

@@ -49,8 +49,11 @@ WATI_SEND_SECONDS = Histogram("watibot_wati_send_seconds", "Time of one WATI sen
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 LEASE_TAKEOVERS = Counter("watibot_lease_takeovers", "Conversations claimed after another worker's lease expired "
                           "(that worker died, hung, or lost the database).", registry=_process_registry)
+# Every label value exists from the start (at 0), so rates and alerts work before the first event.
 for _status in WEBHOOK_STATUSES:
     WEBHOOKS.labels(status=_status)
+for _outcome in ("accepted", "rejected", "unknown"):
+    WATI_SEND_SECONDS.labels(outcome=_outcome)
 
 router = APIRouter()
 
