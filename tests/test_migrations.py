@@ -93,3 +93,20 @@ def test_concurrent_migrate_commands_on_an_empty_database_both_succeed(postgres_
         assert [code for code, _ in results] == [0] * 6, results
     finally:
         admin_execute(postgres_admin_url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_readyz_reports_a_schema_at_another_revision(
+    run_app: Callable[..., Any], database_url: str
+) -> None:
+    """/readyz answers 503 naming both revisions when the database is not at the one this code expects."""
+    import httpx
+
+    from tests.conftest import app_settings
+
+    app = run_app(app_settings(database_url))
+    assert httpx.get(f"{app.url}/readyz").json() == {"status": "ready"}
+    db.downgrade(database_url, "0001_core")
+    response = httpx.get(f"{app.url}/readyz")
+    assert response.status_code == 503
+    assert response.json()["problems"] == [f"schema at 0001_core, expected {db.SCHEMA_REVISION}"]
+    assert httpx.get(f"{app.url}/healthz").status_code == 200, "liveness does not depend on the schema"

@@ -142,11 +142,11 @@ def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(databas
     sql("INSERT INTO watibot.conversation (channel, customer) VALUES ('c', '1')")
 
     def burst(status: str, finished: str | None) -> int:
-        finished_sql = "NULL" if finished is None else f"now() - interval '{finished}'"
         return int(sql(
             "INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, due_at, "
-            f"started_at, finished_at) VALUES ('c', '1', %s, '{{}}', 1, 'w', now() - interval '40 days', "
-            f"now() - interval '40 days' + interval '0.3 s', {finished_sql}) RETURNING id", status)[0][0])
+            "started_at, finished_at) VALUES ('c', '1', %s, '{}', 1, 'w', now() - interval '40 days', "
+            "now() - interval '40 days' + interval '0.3 s', now() - %s::interval) RETURNING id",
+            status, finished)[0][0])
 
     def message(burst_id: int | None) -> None:
         sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "

@@ -17,6 +17,7 @@ the variable (the CLI imports it lazily).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -62,8 +63,6 @@ def count_webhook(response: Response) -> str:
     """Count one answered webhook by its status; returns the status."""
     status = _STATUS_BY_CODE.get(response.status_code, str(response.status_code))
     if response.status_code == 200 and isinstance(response, JSONResponse):
-        import json
-
         status = str(json.loads(bytes(response.body)).get("status", "ok"))
     WEBHOOKS.labels(status=status).inc()
     return status
@@ -160,7 +159,7 @@ def process_registry() -> CollectorRegistry:
     """Every worker's process metrics in multiprocess mode, this process's otherwise (tests, embedding)."""
     if os.environ.get(MULTIPROCESS_DIRECTORY):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return _process_registry
 
@@ -177,6 +176,6 @@ async def metrics(request: Request) -> Response:
     except DatabaseUnavailable:
         health, totals = None, []
     database = CollectorRegistry()
-    database.register(_Snapshot(database_metrics(health, totals)))  # type: ignore[arg-type]
+    database.register(_Snapshot(database_metrics(health, totals)))
     body = generate_latest(process_registry()) + generate_latest(database)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
