@@ -182,3 +182,18 @@ def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(databas
     with_dead = run(database_url, "prune", "--older-than", "30d", "--include-dead")
     assert "pruned 1 bursts and 1 messages" in with_dead.stdout
     assert run(database_url, "prune", "--older-than", "soon").returncode == 2
+
+
+def test_operator_commands_on_an_unmigrated_database_say_to_migrate(database_url: str) -> None:
+    """Against a schema older than this code (or none), the commands exit 1 and say `watibot migrate`."""
+    from watibot import db
+
+    db.downgrade(database_url, "0001_core")
+    for args in (["status"], ["dead"], ["prune", "--older-than", "30d"]):
+        result = run(database_url, *args)
+        assert result.returncode == 1
+        assert "schema is at 0001_core, this watibot expects 0002_operability: run `watibot migrate`" in result.stderr
+        assert "Traceback" not in result.stderr
+    db.downgrade(database_url, "base")
+    result = run(database_url, "status")
+    assert (result.returncode, "schema is at nothing" in result.stderr) == (1, True)

@@ -128,6 +128,10 @@ def cmd_db_url(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _SchemaMismatch(Exception):
+    """The database is not at the revision this code reads (operator commands use the 0002 views)."""
+
+
 async def _with_repository(settings: Settings, action: Callable[[Any], Any]) -> Any:
     from watibot.repository import OperatorRepository
 
@@ -139,10 +143,23 @@ async def _with_repository(settings: Settings, action: Callable[[Any], Any]) -> 
             await pool.close()
 
 
+async def _with_current_schema(settings: Settings, action: Callable[[Any], Any]) -> Any:
+    """As `_with_repository`, after checking the schema revision (a clear message instead of a missing view)."""
+
+    async def checked(repository: Any) -> Any:
+        revision = await repository.migrated_revision()
+        if revision != db.SCHEMA_REVISION:
+            raise _SchemaMismatch(f"the database schema is at {revision or 'nothing'}, this watibot expects "
+                                  f"{db.SCHEMA_REVISION}: run `watibot migrate`")
+        return await action(repository)
+
+    return await _with_repository(settings, checked)
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    data = asyncio.run(_with_repository(settings, operators.status_data))
+    data = asyncio.run(_with_current_schema(settings, operators.status_data))
     if args.json:
         import json
 
@@ -155,7 +172,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_conversation(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    stories = asyncio.run(_with_repository(settings, lambda repository: repository.conversation_story(args.wa_id)))
+    stories = asyncio.run(_with_current_schema(settings, lambda repository: repository.conversation_story(args.wa_id)))
     if not stories:
         print(f"watibot: no conversation with customer or waId {args.wa_id}", file=sys.stderr)
         return EXIT_FAILURE
@@ -168,7 +185,7 @@ def cmd_conversation(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    bursts = asyncio.run(_with_repository(settings, lambda repository: repository.dead_bursts(args.limit)))
+    bursts = asyncio.run(_with_current_schema(settings, lambda repository: repository.dead_bursts(args.limit)))
     if args.json:
         import json
 
@@ -183,7 +200,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from watibot.repository import ReplayRefused
 
     try:
-        result = asyncio.run(_with_repository(settings, lambda repository: repository.replay(args.burst_id)))
+        result = asyncio.run(_with_current_schema(settings, lambda repository: repository.replay(args.burst_id)))
     except ReplayRefused as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -205,7 +222,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             if batch_bursts < args.batch_size:
                 return bursts, messages
 
-    bursts, messages = asyncio.run(_with_repository(settings, prune))
+    bursts, messages = asyncio.run(_with_current_schema(settings, prune))
     print(f"pruned {bursts} bursts and {messages} messages finished more than {args.older_than} ago")
     return EXIT_OK
 
@@ -252,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the webhook server and a sweeper in every worker",
                                 description="Apply pending migrations once, then run uvicorn with N workers, "
                                 "each with its own sweeper. With no WATIBOT_DATABASE_URL an embedded PostgreSQL "
-                                "is started under WATIBOT_DATA_DIR and stopped on exit.")
+                                "is started under WATIBOT_DATA_DIR and stopped on exit. The workers share their "
+                                "/metrics counters through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory "
+                                "unless set; emptied at start). SIGTERM stops gracefully.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8006, help="port to listen on (default 8006)")
     serve.add_argument("--workers", type=int, default=4, help="uvicorn worker processes (default 4)")
@@ -334,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.handler(settings, args))
-    except db.DatabaseUnavailable as error:
+    except (db.DatabaseUnavailable, _SchemaMismatch) as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -643,6 +643,8 @@ SELECT (SELECT count(*) FROM bursts) AS bursts, (SELECT count(*) FROM messages) 
 
 DATABASE_NOW = "SELECT now()"
 
+VERSION_TABLE_EXISTS = "SELECT to_regclass('watibot.alembic_version') IS NOT NULL"
+
 
 class ReplayRefused(Exception):
     """The burst cannot be replayed (unknown, or not dead/attention); the message says why."""
@@ -731,6 +733,13 @@ class OperatorRepository(Repository):
             row = await conn.fetchrow(PRUNE_BATCH, cutoff, list(statuses), batch)
         assert row is not None
         return int(row["bursts"]), int(row["messages"])
+
+    async def migrated_revision(self) -> str | None:
+        """The alembic revision, or None on a database that was never migrated."""
+        async with connection(self.pool, self.timeout) as conn:
+            if not await conn.fetchval(VERSION_TABLE_EXISTS):
+                return None
+        return await self.schema_revision()
 
     async def database_now(self) -> datetime:
         """The database clock (cutoffs are measured on it, like every other time)."""
