@@ -55,12 +55,14 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 @pytest.mark.processes
 def test_three_workers_report_the_same_totals_matching_the_webhooks_sent(
-    serve: Callable[..., ServeProcess], database_url: str, fake_wati: FakeWati, tmp_path: Path
+    serve: Callable[..., ServeProcess], database_url: str, fake_wati: FakeWati, tmp_path: Path, sql: Sql
 ) -> None:
     """Scrapes of a 3-worker serve all report the webhooks and bursts that were sent, whichever worker answers."""
     metrics_directory = tmp_path / "metrics"
-    process = serve(serve_environment(database_url, fake_wati, PROMETHEUS_MULTIPROC_DIR=str(metrics_directory)),
-                    workers=3)
+    # small claim batches so that every worker's sweeper sends some of the replies
+    environment = serve_environment(database_url, fake_wati, PROMETHEUS_MULTIPROC_DIR=str(metrics_directory),
+                                    WATIBOT_CLAIM_BATCH="2")
+    process = serve(environment, workers=3)
     customers, per_customer = 30, 3
     payloads = [customer_message(f"5037{customer:07d}", f"m{index}", f"wamid.{customer}.{index}")
                 for customer in range(customers) for index in range(per_customer)]
@@ -93,8 +95,10 @@ def test_three_workers_report_the_same_totals_matching_the_webhooks_sent(
         assert value(samples, "watibot_conversations", state="overdue") == 0
         assert value(samples, "watibot_database_up") == 1
     assert all(samples == scrapes[0] for samples in scrapes), "every worker reports the same numbers"
+    senders = sql("SELECT count(DISTINCT claimed_by) FROM watibot.burst")[0][0]
+    assert senders >= 2, "the WATI send counts above were added up from several workers' files"
     writers = {path.stem.rsplit("_", 1)[-1] for path in metrics_directory.glob("*.db")}
-    assert len(writers) >= 2, f"several workers recorded metrics: {writers}"
+    assert len(writers) >= 3, f"every worker keeps its own file: {writers}"
 
 
 def test_metrics_count_dead_bursts_takeovers_and_report_the_database_state(
