@@ -106,8 +106,8 @@ def test_metrics_count_dead_bursts_takeovers_and_report_the_database_state(
 ) -> None:
     """An expired lease taken over, a dead burst and a buffering conversation all show in /metrics."""
     sql("INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, claimed_by, claimed_at, "
-        "lease_expires_at, fence) VALUES ('50322220000', '50399999999', '50399999999', now() + interval '3 s', "
-        "'gone:1:x', now() - interval '27 s', now() + interval '3 s', 4), "
+        "lease_expires_at, fence) VALUES ('50322220000', '50399999999', '50399999999', now() + interval '5 s', "
+        "'gone:1:x', now() - interval '25 s', now() + interval '5 s', 4), "
         "('50322220000', '50311111111', NULL, now() + interval '1 hour', NULL, NULL, NULL, 0)")
     sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, text, payload) "
         "VALUES ('50322220000', '50399999999', 'wamid.orphan', 'text', 'still there?', '{}'), "

@@ -171,8 +171,7 @@ async def metrics(request: Request) -> Response:
     repository = OperatorRepository(state.repository.pool, state.settings)
     health: dict[str, Any] | None
     try:
-        health = await repository.health()
-        totals = await repository.burst_totals()
+        health, totals = await repository.metrics_snapshot()
     except DatabaseUnavailable:
         health, totals = None, []
     database = CollectorRegistry()

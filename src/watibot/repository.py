@@ -690,10 +690,15 @@ class OperatorRepository(Repository):
         async with connection(self.pool, self.timeout) as conn:
             return [dict(row) for row in await conn.fetch(WORKERS_IN_FLIGHT)]
 
-    async def burst_totals(self) -> list[dict[str, Any]]:
-        """(series, label, count, sum) over every burst ever finished, pruned ones included."""
-        async with connection(self.pool, self.timeout) as conn:
-            return [dict(row) for row in await conn.fetch(BURST_TOTALS)]
+    async def metrics_snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The health row and the burst totals read from one snapshot, so that a scrape is self-consistent."""
+        async with connection(self.pool, self.timeout) as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            health = await conn.fetchrow(HEALTH)
+            totals = [dict(row) for row in await conn.fetch(BURST_TOTALS)]
+        assert health is not None
+        return dict(health), totals
 
     async def conversation_story(self, customer: str) -> list[ConversationStory]:
         """Every conversation of `customer` (waId or bsuid) with its messages and bursts, oldest first."""
