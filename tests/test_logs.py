@@ -62,7 +62,7 @@ def test_debug_text_logs_have_one_line_per_webhook_and_still_no_secrets(
     webhook_lines = [line for line in text.splitlines() if "watibot.ingest[" in line]
     assert len(webhook_lines) == sent, webhook_lines
     assert any("buffered wamid." in line for line in webhook_lines)
-    assert any("webhook refused: 401 unauthorized" in line for line in webhook_lines)
+    assert any("webhook answered 401 unauthorized" in line for line in webhook_lines)
     assert "burst sent (1 messages, 1 parts) [conversation=" in text
     assert " worker=" in text
     for secret in (PASSKEY, WRONG_PASSKEY, WATI_TOKEN):

@@ -61,10 +61,12 @@ def test_hot_conversation_table_is_tuned_against_bloat(sql: Sql) -> None:
 
 
 def test_burst_table_is_tuned_and_the_operability_revision_downgrades_cleanly(database_url: str, sql: Sql) -> None:
-    """0002 sets fillfactor on burst and drops its views, table and column again on downgrade to 0001."""
+    """The operability revision sets fillfactor on burst and drops its views and settings again on downgrade."""
+    from tests.conftest import previous_revision
+
     (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass")[0]
     assert "fillfactor=80" in options
-    db.downgrade(database_url, "0001_core")
+    db.downgrade(database_url, previous_revision())
     assert sql("SELECT count(*) FROM pg_views WHERE schemaname = 'watibot'") == [(0,)]
     assert sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass") == [(None,)]
     db.upgrade(database_url)
@@ -101,12 +103,12 @@ def test_readyz_reports_a_schema_at_another_revision(
     """/readyz answers 503 naming both revisions when the database is not at the one this code expects."""
     import httpx
 
-    from tests.conftest import app_settings
+    from tests.conftest import app_settings, previous_revision
 
     app = run_app(app_settings(database_url))
     assert httpx.get(f"{app.url}/readyz").json() == {"status": "ready"}
-    db.downgrade(database_url, "0001_core")
+    db.downgrade(database_url, previous_revision())
     response = httpx.get(f"{app.url}/readyz")
     assert response.status_code == 503
-    assert response.json()["problems"] == [f"schema at 0001_core, expected {db.SCHEMA_REVISION}"]
+    assert response.json()["problems"] == [f"schema at {previous_revision()}, expected {db.SCHEMA_REVISION}"]
     assert httpx.get(f"{app.url}/healthz").status_code == 200, "liveness does not depend on the schema"

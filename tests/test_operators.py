@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningApp, app_settings, customer_message, wait_until
+from tests.conftest import RunningApp, app_settings, customer_message, previous_revision, wait_until
 from tests.fakes import Answer, FakeWati
 from tests.test_cli import watibot
+from watibot import db
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -47,7 +48,7 @@ def test_status_prints_a_table_and_json_with_the_claims_of_each_worker(database_
     table = run(database_url, "status")
     assert table.returncode == 0, table.stderr
     for label in ("buffering", "due", "in flight", "lease expired", "buffered messages", "dead", "attention",
-                  "schema", "0002_operability", "host-a:41:ab"):
+                  "schema", db.SCHEMA_REVISION, "host-a:41:ab"):
         assert label in table.stdout
     data = json.loads(run(database_url, "status", "--json").stdout)
     assert (data["buffering"], data["in_flight"], data["dead_bursts"]) == (1, 1, 0)
@@ -186,13 +187,13 @@ def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(databas
 
 def test_operator_commands_on_an_unmigrated_database_say_to_migrate(database_url: str) -> None:
     """Against a schema older than this code (or none), the commands exit 1 and say `watibot migrate`."""
-    from watibot import db
-
-    db.downgrade(database_url, "0001_core")
+    older = previous_revision()
+    db.downgrade(database_url, older)
     for args in (["status"], ["dead"], ["prune", "--older-than", "30d"]):
         result = run(database_url, *args)
         assert result.returncode == 1
-        assert "schema is at 0001_core, this watibot expects 0002_operability: run `watibot migrate`" in result.stderr
+        expected = f"schema is at {older}, this watibot expects {db.SCHEMA_REVISION}: run `watibot migrate`"
+        assert expected in result.stderr
         assert "Traceback" not in result.stderr
     db.downgrade(database_url, "base")
     result = run(database_url, "status")

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from watibot import db
+
 Sql = Callable[..., list[tuple[Any, ...]]]
 
 VIEWS = ("buffering", "overdue", "in_flight", "dead", "recent_bursts", "health", "finished_burst_facts")
@@ -109,7 +111,7 @@ def test_health_view_is_one_row_summarising_the_incident(incident: Sql) -> None:
                     "buffered_messages, dead, attention, bursts_last_hour, max_lag_seconds FROM watibot.health")
     assert len(rows) == 1
     *counts, lag = rows[0]
-    assert counts == ["0002_operability", 1, 1, 1, 1, 2, 3, 1, 1, 3]
+    assert counts == [db.SCHEMA_REVISION, 1, 1, 1, 1, 2, 3, 1, 1, 3]
     assert 90 <= lag < 120
 
 

@@ -209,15 +209,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
-    from watibot.repository import FINISHED_STATUSES, PROBLEM_STATUSES
+    from watibot.repository import PROBLEM_STATUSES
 
-    statuses = FINISHED_STATUSES + (PROBLEM_STATUSES if args.include_dead else ())
+    keep = () if args.include_dead else PROBLEM_STATUSES
 
     async def prune(repository: Any) -> tuple[int, int]:
         cutoff = await repository.database_now() - args.older_than
         bursts = messages = 0
         while True:
-            batch_bursts, batch_messages = await repository.prune_batch(cutoff, statuses, args.batch_size)
+            batch_bursts, batch_messages = await repository.prune_batch(cutoff, keep, args.batch_size)
             bursts, messages = bursts + batch_bursts, messages + batch_messages
             if batch_bursts < args.batch_size:
                 return bursts, messages
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser(
         "prune", help="delete old finished bursts and their messages",
-        description="Delete bursts that finished before the cutoff (sent, no_reply, replayed; dead and attention "
-        "only with --include-dead) together with the messages they consumed, in small batches, each its own "
+        description="Delete bursts that finished before the cutoff (sent, no_reply, replayed, ...; dead and "
+        "attention only with --include-dead) together with the messages they consumed, in small batches, each its own "
         "short transaction. Buffered messages and open bursts are never deleted. Pruned bursts stay counted in "
         "/metrics. Safe to run from cron while the service runs.")
     prune.add_argument("--older-than", required=True, type=_duration, metavar="AGE",

@@ -21,6 +21,7 @@ log = logging.getLogger("watibot.ingest")
 router = APIRouter()
 
 PASSKEY_HEADER = "X-Watibot-Passkey"
+_LOGGED_BY_RECEIVE = frozenset({"buffered", "duplicate", "ignored"})  # answers with their own debug line
 
 _WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -96,8 +97,8 @@ async def webhook(request: Request) -> JSONResponse:
     """Receive one WATI event."""
     response = await _receive(request)
     status = count_webhook(response)
-    if response.status_code != 200:
-        log.debug("webhook refused: %d %s", response.status_code, status)
+    if status not in _LOGGED_BY_RECEIVE:  # one debug line per webhook, whatever the answer
+        log.debug("webhook answered %d %s", response.status_code, status)
     return response
 
 

@@ -610,11 +610,13 @@ WHERE channel = $1 AND customer = $2 AND claimed_by IS NULL
 # One batch of `watibot prune`: the oldest finished bursts before the cutoff, their consumed messages, and their
 # totals folded into pruned_burst_totals (same grouping as BURST_TOTALS) so metrics keep counting them. Every
 # part of the statement sees the rows before the deletes. SKIP LOCKED: a burst being replayed is left for later.
-# Buffered messages (burst_id NULL) and open bursts (finished_at NULL) are never selected.
+# Buffered messages (burst_id NULL) and open bursts (finished_at NULL) are never selected; $2 lists statuses to
+# keep whatever their age (open ones always; dead and attention unless --include-dead), so an outcome added
+# later is pruned like sent.
 PRUNE_BATCH = """
 WITH doomed AS (
     SELECT id FROM watibot.burst
-    WHERE finished_at < $1 AND status = ANY($2::text[])
+    WHERE finished_at < $1 AND status <> ALL($2::text[])
     ORDER BY finished_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -671,7 +673,7 @@ class ConversationStory:
     bursts: list[dict[str, Any]]
 
 
-FINISHED_STATUSES = ("sent", "no_reply", "replayed")
+OPEN_STATUSES = ("processing", "sending", "retry")
 PROBLEM_STATUSES = ("dead", "attention")
 
 
@@ -732,10 +734,11 @@ class OperatorRepository(Repository):
             await conn.execute(SCHEDULE_REPLAY, *key)
         return ReplayResult(burst_id, key[0], key[1], status, int(moved.split()[-1]), claimed_by is None)
 
-    async def prune_batch(self, cutoff: datetime, statuses: Sequence[str], batch: int) -> tuple[int, int]:
-        """Delete one batch of finished bursts older than `cutoff` and their messages: (bursts, messages)."""
+    async def prune_batch(self, cutoff: datetime, keep: Sequence[str], batch: int) -> tuple[int, int]:
+        """Delete one batch of bursts finished before `cutoff` (except those in a `keep` status) and their
+        messages: returns (bursts, messages)."""
         async with connection(self.pool, self.timeout) as conn:
-            row = await conn.fetchrow(PRUNE_BATCH, cutoff, list(statuses), batch)
+            row = await conn.fetchrow(PRUNE_BATCH, cutoff, [*OPEN_STATUSES, *keep], batch)
         assert row is not None
         return int(row["bursts"]), int(row["messages"])
 
