@@ -13,7 +13,7 @@ from tests.fakes import FakeWati
 
 pytestmark = pytest.mark.processes
 
-WATI_TOKEN = "test-wati-token-secret"  # noqa: S105 - the fake token serve_environment configures
+WATI_TOKEN = "test-wati-token-secret"  # the fake token serve_environment configures
 WRONG_PASSKEY = "an-attacker-guess-0123456789"
 BODY = "my card number is 4111 1111 1111 1111"
 
