@@ -48,6 +48,16 @@ def with_database(url: str, database: str) -> str:
     return f"{base}/{database}{query}"
 
 
+def previous_revision() -> str:
+    """The revision just before the one this code expects (downgrade targets in tests)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(db.alembic_config("postgresql://unused"))
+    down = script.get_revision(db.SCHEMA_REVISION).down_revision
+    assert isinstance(down, str)
+    return down
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

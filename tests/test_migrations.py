@@ -25,7 +25,8 @@ def test_upgrade_downgrade_upgrade(database_url: str, sql: Sql) -> None:
     db.downgrade(database_url, "base")
     assert tables(sql) == ["alembic_version"]
     db.upgrade(database_url)
-    assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message"]
+    assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message",
+                           "pruned_burst_totals"]
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 
@@ -57,3 +58,57 @@ def test_hot_conversation_table_is_tuned_against_bloat(sql: Sql) -> None:
     (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.conversation'::regclass")[0]
     assert "fillfactor=70" in options
     assert any(option.startswith("autovacuum_vacuum_scale_factor") for option in options)
+
+
+def test_burst_table_is_tuned_and_the_operability_revision_downgrades_cleanly(database_url: str, sql: Sql) -> None:
+    """The operability revision sets fillfactor on burst and drops its views and settings again on downgrade."""
+    from tests.conftest import previous_revision
+
+    (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass")[0]
+    assert "fillfactor=80" in options
+    db.downgrade(database_url, previous_revision())
+    assert sql("SELECT count(*) FROM pg_views WHERE schemaname = 'watibot'") == [(0,)]
+    assert sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass") == [(None,)]
+    db.upgrade(database_url)
+    assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
+
+
+def test_concurrent_migrate_commands_on_an_empty_database_both_succeed(postgres_admin_url: str) -> None:
+    """Two hosts running `watibot migrate` at once (ExecStartPre) serialise on an advisory lock; both exit 0."""
+    import uuid
+
+    from tests.conftest import admin_execute, with_database
+
+    name = f"race_{uuid.uuid4().hex[:8]}"
+    admin_execute(postgres_admin_url, f"CREATE DATABASE {name}")
+    try:
+        base = {key: value for key, value in os.environ.items() if not key.startswith("WATIBOT_")}
+        env = base | {"WATIBOT_DATABASE_URL": with_database(postgres_admin_url, name)}
+        processes = [subprocess.Popen([sys.executable, "-m", "watibot", "migrate"], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        results = [(process.wait(timeout=120), process.stderr.read() if process.stderr else "")
+                   for process in processes]
+        for process in processes:
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        assert [code for code, _ in results] == [0] * 6, results
+    finally:
+        admin_execute(postgres_admin_url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_readyz_reports_a_schema_at_another_revision(
+    run_app: Callable[..., Any], database_url: str
+) -> None:
+    """/readyz answers 503 naming both revisions when the database is not at the one this code expects."""
+    import httpx
+
+    from tests.conftest import app_settings, previous_revision
+
+    app = run_app(app_settings(database_url))
+    assert httpx.get(f"{app.url}/readyz").json() == {"status": "ready"}
+    db.downgrade(database_url, previous_revision())
+    response = httpx.get(f"{app.url}/readyz")
+    assert response.status_code == 503
+    assert response.json()["problems"] == [f"schema at {previous_revision()}, expected {db.SCHEMA_REVISION}"]
+    assert httpx.get(f"{app.url}/healthz").status_code == 200, "liveness does not depend on the schema"

@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 
 from watibot import db
 from watibot.agents import build_agent
-from watibot.clients import WatiClient, http_client
+from watibot.clients import http_client
 from watibot.ingest import router as ingest_router
-from watibot.logs import configure_logging
+from watibot.logs import configure_logging, set_worker
+from watibot.metrics import TimedWatiClient
+from watibot.metrics import router as metrics_router
 from watibot.pipeline import Pipeline
 from watibot.repository import Repository
 from watibot.settings import Settings, load_settings
@@ -41,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         active = settings or load_settings()
-        configure_logging(active.log_level)
+        configure_logging(active.log_level, active.log_format)
         url = db.resolve_database_url(active)
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
         pool = await db.create_pool(active, url)
@@ -54,8 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.passkey = await resolve_passkey(active, repository)
         app.state.sweeper = None
         if active.sweeper:
-            pipeline = Pipeline(active, repository, build_agent(active, outbound), WatiClient(active, wati_http))
+            wati = TimedWatiClient(active, wati_http)
+            pipeline = Pipeline(active, repository, build_agent(active, outbound), wati)
             app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id())
+            set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
             log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
         try:
@@ -69,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)
     app.include_router(ingest_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

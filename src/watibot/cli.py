@@ -9,17 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from watibot import db
-from watibot.logs import configure_logging
+from watibot.logs import configure_logging, uvicorn_log_config
 from watibot.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("watibot.cli")
 
 @contextlib.contextmanager
 def _database(settings: Settings) -> Iterator[str]:
@@ -35,6 +40,24 @@ def _database(settings: Settings) -> Iterator[str]:
     finally:
         if not was_running:
             cluster.stop()
+
+
+def _metrics_directory() -> tuple[str, bool]:
+    """Where the workers' prometheus-client files go: a fresh directory, or the configured one emptied.
+
+    Set before any worker starts (prometheus_client reads it on import), so that /metrics in any worker sums
+    all of them. Returns the path and whether serve created it (and so removes it on exit).
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # counters of a previous run would be added to this run's
+            stale.unlink()
+        return configured, False
+    created = tempfile.mkdtemp(prefix="watibot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+    return created, True
 
 
 class _Terminated(Exception):
@@ -55,12 +78,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     cluster = None
     if not settings.database_url:
         cluster = db.embedded_cluster(settings)
-        print(f"watibot: no WATIBOT_DATABASE_URL; starting embedded PostgreSQL in {cluster.data_dir}",
-              file=sys.stderr)
+        log.info("no WATIBOT_DATABASE_URL; starting embedded PostgreSQL in %s", cluster.data_dir)
         cluster.start()
         url = cluster.url()
     else:
         url = settings.database_url
+    metrics_directory, created = _metrics_directory()
     try:
         asyncio.run(db.wait_for_database(url, settings.db_startup_timeout_seconds))
         if not args.no_migrate:
@@ -69,11 +92,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         uvicorn.run(
             "watibot.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
             log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
-            access_log=False,
+            access_log=False, log_config=uvicorn_log_config(settings.log_level, settings.log_format),
         )
     except _Terminated:
-        print("watibot: stopped", file=sys.stderr)
+        log.info("stopped")
     finally:
+        if created:
+            shutil.rmtree(metrics_directory, ignore_errors=True)
         if cluster is not None:
             cluster.stop()
     return EXIT_OK
@@ -103,36 +128,102 @@ def cmd_db_url(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _SchemaMismatch(Exception):
+    """The database is not at the revision this code reads (operator commands use the 0002 views)."""
+
+
 async def _with_repository(settings: Settings, action: Callable[[Any], Any]) -> Any:
-    from watibot.repository import Repository
+    from watibot.repository import OperatorRepository
 
     with _database(settings) as url:
         pool = await db.create_pool(settings, url)
         try:
-            return await action(Repository(pool, settings))
+            return await action(OperatorRepository(pool, settings))
         finally:
             await pool.close()
 
 
+async def _with_current_schema(settings: Settings, action: Callable[[Any], Any]) -> Any:
+    """As `_with_repository`, after checking the schema revision (a clear message instead of a missing view)."""
+
+    async def checked(repository: Any) -> Any:
+        revision = await repository.migrated_revision()
+        if revision != db.SCHEMA_REVISION:
+            raise _SchemaMismatch(f"the database schema is at {revision or 'nothing'}, this watibot expects "
+                                  f"{db.SCHEMA_REVISION}: run `watibot migrate`")
+        return await action(repository)
+
+    return await _with_repository(settings, checked)
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    counts = asyncio.run(_with_repository(settings, lambda repository: repository.status()))
+    from watibot import operators
+
+    data = asyncio.run(_with_current_schema(settings, operators.status_data))
     if args.json:
         import json
 
-        print(json.dumps(counts))
+        print(json.dumps(data, default=str))
         return EXIT_OK
-    oldest = counts["oldest_due_seconds"]
-    rows = [
-        ("buffering", counts["buffering"], "conversations waiting for their window to end"),
-        ("due", counts["due"], "due and not yet claimed"),
-        ("in flight", counts["in_flight"], "claimed, lease valid"),
-        ("lease expired", counts["lease_expired"], "claimed, lease expired: will be taken over"),
-        ("buffered messages", counts["buffered_messages"], "messages not yet answered"),
-        ("dead / attention", counts["dead"], "bursts that need a human (watibot dead)"),
-        ("oldest due", f"{oldest:.1f} s" if oldest is not None else "-", "how late the most overdue one is"),
-    ]
-    for name, value, meaning in rows:
-        print(f"{name:<18} {value!s:>8}   {meaning}")
+    operators.render_status(operators.console(), data)
+    return EXIT_OK
+
+
+def cmd_conversation(settings: Settings, args: argparse.Namespace) -> int:
+    from watibot import operators
+
+    stories = asyncio.run(_with_current_schema(settings, lambda repository: repository.conversation_story(args.wa_id)))
+    if not stories:
+        print(f"watibot: no conversation with customer or waId {args.wa_id}", file=sys.stderr)
+        return EXIT_FAILURE
+    out = operators.console()
+    for story in stories:
+        operators.render_conversation(out, story)
+    return EXIT_OK
+
+
+def cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
+    from watibot import operators
+
+    bursts = asyncio.run(_with_current_schema(settings, lambda repository: repository.dead_bursts(args.limit)))
+    if args.json:
+        import json
+
+        print(json.dumps(bursts, default=str))
+    else:
+        operators.render_dead(operators.console(), bursts)
+    return EXIT_OK
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from watibot import operators
+    from watibot.repository import ReplayRefused
+
+    try:
+        result = asyncio.run(_with_current_schema(settings, lambda repository: repository.replay(args.burst_id)))
+    except ReplayRefused as error:
+        print(f"watibot: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(operators.describe_replay(result))
+    return EXIT_OK
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from watibot.repository import PROBLEM_STATUSES
+
+    keep = () if args.include_dead else PROBLEM_STATUSES
+
+    async def prune(repository: Any) -> tuple[int, int]:
+        cutoff = await repository.database_now() - args.older_than
+        bursts = messages = 0
+        while True:
+            batch_bursts, batch_messages = await repository.prune_batch(cutoff, keep, args.batch_size)
+            bursts, messages = bursts + batch_bursts, messages + batch_messages
+            if batch_bursts < args.batch_size:
+                return bursts, messages
+
+    bursts, messages = asyncio.run(_with_current_schema(settings, prune))
+    print(f"pruned {bursts} bursts and {messages} messages finished more than {args.older_than} ago")
     return EXIT_OK
 
 
@@ -144,19 +235,43 @@ def cmd_webhook_url(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration(text: str) -> Any:
+    from watibot.operators import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watibot",
         description="Answer WhatsApp (WATI) customers with an AI agent, one reply per burst of messages. "
         "Configuration comes from WATIBOT_* environment variables and .env (see README).",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.",
+        epilog=EXIT_CODES_HELP,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the webhook server and a sweeper in every worker",
                                 description="Apply pending migrations once, then run uvicorn with N workers, "
                                 "each with its own sweeper. With no WATIBOT_DATABASE_URL an embedded PostgreSQL "
-                                "is started under WATIBOT_DATA_DIR and stopped on exit.")
+                                "is started under WATIBOT_DATA_DIR and stopped on exit. The workers share their "
+                                "/metrics counters through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory "
+                                "unless set; emptied at start). SIGTERM stops gracefully.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8006, help="port to listen on (default 8006)")
     serve.add_argument("--workers", type=int, default=4, help="uvicorn worker processes (default 4)")
@@ -169,9 +284,48 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=cmd_migrate)
 
     status = commands.add_parser("status", help="counts of buffered, due, in-flight and dead work",
-                                 description="Print what the buffer and the workers are doing right now.")
-    status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+                                 description="Print what the buffer and the workers are doing right now: "
+                                 "buffering, due and in-flight conversations, expired leases, buffered messages, "
+                                 "dead and attention bursts, and the claims each worker holds. Exit 0 when the "
+                                 "database answered, 1 when it did not.")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     status.set_defaults(handler=cmd_status)
+
+    conversation = commands.add_parser(
+        "conversation", help="one customer's messages, bursts and replies in order",
+        description="Print a customer's conversation as a timeline: each message (and the burst that consumed "
+        "it), each burst (status, attempts), each reply and error. Exit 1 when there is no such conversation.")
+    conversation.add_argument("wa_id", metavar="WAID", help="the customer's waId (or bsuid)")
+    conversation.set_defaults(handler=cmd_conversation)
+
+    dead = commands.add_parser("dead", help="bursts that need a human, with reasons",
+                               description="List dead bursts (gave up after retries or a permanent error) and "
+                               "attention bursts (a send whose outcome is unknown), oldest first.")
+    dead.add_argument("--limit", type=_positive, default=100, help="at most this many (default 100)")
+    dead.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    dead.set_defaults(handler=cmd_dead)
+
+    replay = commands.add_parser(
+        "replay", help="put a dead or attention burst's messages back in the buffer",
+        description="Put the messages of a dead or attention burst back in its conversation's buffer and make "
+        "the conversation due now (if a worker holds it, its completion schedules them). The burst becomes "
+        "'replayed'. Replaying an attention burst may send the customer a second reply: check WATI first. "
+        "Exit 1 (nothing changed) for a burst that does not exist or is not dead/attention.")
+    replay.add_argument("burst_id", metavar="BURST_ID", type=int, help="the burst id (watibot dead lists them)")
+    replay.set_defaults(handler=cmd_replay)
+
+    prune = commands.add_parser(
+        "prune", help="delete old finished bursts and their messages",
+        description="Delete bursts that finished before the cutoff (sent, no_reply, replayed, ...; dead and "
+        "attention only with --include-dead) together with the messages they consumed, in small batches, each its own "
+        "short transaction. Buffered messages and open bursts are never deleted. Pruned bursts stay counted in "
+        "/metrics. Safe to run from cron while the service runs.")
+    prune.add_argument("--older-than", required=True, type=_duration, metavar="AGE",
+                       help="age of the bursts to delete, by finish time: 30d, 12h, 90m, 2w or 45s")
+    prune.add_argument("--batch-size", type=_positive, default=500, help="bursts per transaction (default 500)")
+    prune.add_argument("--include-dead", action="store_true",
+                       help="also delete dead and attention bursts (after that they cannot be replayed)")
+    prune.set_defaults(handler=cmd_prune)
 
     db_url = commands.add_parser("db-url", help="print the effective database URL",
                                  description='Print the DSN in use, so that `psql "$(watibot db-url)"` works '
@@ -184,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_url.add_argument("--base-url", default="http://127.0.0.1:8006",
                              help="public base URL of this service (default http://127.0.0.1:8006)")
     webhook_url.set_defaults(handler=cmd_webhook_url)
+    for command in commands.choices.values():
+        command.epilog = EXIT_CODES_HELP
     return parser
 
 
@@ -194,10 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.handler(settings, args))
-    except db.DatabaseUnavailable as error:
+    except (db.DatabaseUnavailable, _SchemaMismatch) as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0002_conversations"
+SCHEMA_REVISION = "0003_operability"
 
 
 class DatabaseUnavailable(Exception):
@@ -70,6 +70,7 @@ async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
         timeout=settings.db_timeout_seconds,
         command_timeout=settings.db_timeout_seconds,
         init=_init_connection,
+        statement_cache_size=settings.db_statement_cache_size,
         server_settings={"application_name": "watibot"},
     )
     await pool

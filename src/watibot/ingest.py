@@ -14,12 +14,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from watibot.db import DatabaseUnavailable
+from watibot.metrics import count_webhook
 from watibot.payload import DeliveryUpdate, OperatorMessage, OtherEvent, PayloadError, decode_body, parse_event
 
 log = logging.getLogger("watibot.ingest")
 router = APIRouter()
 
 PASSKEY_HEADER = "X-Watibot-Passkey"
+_LOGGED_BY_RECEIVE = frozenset({"buffered", "duplicate", "ignored"})  # answers with their own debug line
 
 _WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -94,6 +96,14 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
 )
 async def webhook(request: Request) -> JSONResponse:
     """Receive one WATI event."""
+    response = await _receive(request)
+    status = count_webhook(response)
+    if status not in _LOGGED_BY_RECEIVE:  # one debug line per webhook, whatever the answer
+        log.debug("webhook answered %d %s", response.status_code, status)
+    return response
+
+
+async def _receive(request: Request) -> JSONResponse:  # noqa: PLR0911 - one return per answer WATI can get
     state = request.app.state
     expected: bytes = state.passkey
     limit: int = state.settings.webhook_max_body_bytes

@@ -1,33 +1,108 @@
-"""Logging setup for the CLI and every worker process.
+"""Logging setup for the CLI and every worker process: readable text, or JSON lines (`WATIBOT_LOG_FORMAT=json`).
 
-Processing lines carry `conversation`, `burst` and `fence` as `extra`; the text format appends them as
-key=value pairs so a grep for one conversation finds its whole story.
+Processing lines carry `conversation`, `burst` and `fence` as `extra`; every line of a worker process also
+carries its sweeper's `worker` id. The text format appends them as key=value pairs so a grep for one
+conversation finds its whole story; the JSON format makes them fields.
+
+What is never logged: secrets (the passkey travels in the webhook URL, so uvicorn's access log stays off and
+httpx's request lines are silenced) and, at info level and above, what customers wrote or what the agent replied.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
-_CONTEXT_FIELDS = ("conversation", "burst", "fence")
+_CONTEXT_FIELDS = ("conversation", "burst", "fence", "worker")
+_worker_id: str | None = None
+
+
+def set_worker(worker_id: str | None) -> None:
+    """Stamp every later line of this process with the sweeper's worker id."""
+    global _worker_id  # noqa: PLW0603 - one sweeper per process: the id is process-wide by nature
+    _worker_id = worker_id
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    context = {name: getattr(record, name) for name in _CONTEXT_FIELDS if hasattr(record, name)}
+    if "worker" not in context and _worker_id is not None:
+        context["worker"] = _worker_id
+    return context
 
 
 class ContextFormatter(logging.Formatter):
-    """The standard format plus any context fields the record carries."""
+    """The standard text format plus any context fields the record carries."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        context = " ".join(f"{name}={getattr(record, name)}" for name in _CONTEXT_FIELDS if hasattr(record, name))
+        context = " ".join(f"{name}={value}" for name, value in _context(record).items())
         return f"{line} [{context}]" if context else line
 
 
-def configure_logging(level: str) -> None:
-    """Send watibot's logs to stderr at `level` (idempotent: safe in the CLI and in each worker)."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, pid, message, the context fields, and exc when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+            **_context(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def build_formatter(log_format: str = "text") -> logging.Formatter:
+    """The formatter for `log_format` ("text" or "json")."""
+    return JsonFormatter() if str(log_format) == "json" else ContextFormatter()
+
+
+class WatibotHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, marked as ours so that configuring twice (CLI, then a worker's lifespan) adds nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Send watibot's logs to stderr at `level` in `log_format` (idempotent: safe in the CLI and in each worker)."""
     logger = logging.getLogger("watibot")
     logger.setLevel(level.upper())
-    if not any(getattr(handler, "_watibot", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(ContextFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-        handler._watibot = True  # type: ignore[attr-defined]
+    # httpx logs every request URL at info; WATI's carry the reply text in the query string.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not any(isinstance(handler, WatibotHandler) for handler in logger.handlers):
+        handler = WatibotHandler()
+        handler.setFormatter(build_formatter(log_format))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def uvicorn_log_config(level: str, log_format: str = "text") -> dict[str, Any]:
+    """A `logging.dictConfig` for uvicorn, applied in every worker: its lines and ours share one format."""
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"watibot": {"()": "watibot.logs.build_formatter", "log_format": str(log_format)}},
+        "handlers": {"stderr": {"()": "watibot.logs.WatibotHandler", "formatter": "watibot"}},
+        "loggers": {
+            "watibot": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            # the access log would print the webhook URL, passkey included: it stays off (access_log=False)
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
+        },
+    }

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from watibot import metrics
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseUnavailable, LeaseLost
@@ -54,6 +55,7 @@ class Pipeline:
     async def process(self, claim: Claim) -> None:
         """Run one claimed conversation to a committed outcome, or leave it for the lease to hand over."""
         context = {"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence}
+        metrics.observe_claim(claim)
         try:
             begun = await self.repository.begin_burst(claim)
         except (LeaseLost, DatabaseUnavailable) as error:

@@ -311,7 +311,8 @@ SELECT
     count(*) FILTER (WHERE claimed_by IS NOT NULL AND lease_expires_at <= now()) AS lease_expired,
     EXTRACT(EPOCH FROM now() - min(due_at) FILTER (WHERE due_at <= now()))::float8 AS oldest_due_seconds,
     (SELECT count(*) FROM watibot.message WHERE burst_id IS NULL) AS buffered_messages,
-    (SELECT count(*) FROM watibot.burst WHERE status IN ('dead', 'attention')) AS dead
+    (SELECT count(*) FROM watibot.burst WHERE status IN ('dead', 'attention')) AS dead,
+    (SELECT count(*) FROM watibot.conversation WHERE paused_until > now()) AS paused
 FROM watibot.conversation
 WHERE due_at IS NOT NULL
 """
@@ -690,4 +691,244 @@ class Repository:
         async with connection(self.pool, self.timeout) as conn:
             value = await conn.fetchval(GET_OR_CREATE_GENERATED, name, candidate)
         assert isinstance(value, str)
+        return value
+
+
+# == operators ====================================================================================================
+# Statements behind `watibot status / conversation / dead / replay / prune` and `/metrics`. They read the views of
+# migration 0003 where one exists, so psql, the CLI and Prometheus agree on what "overdue" or "dead" means.
+
+HEALTH = "SELECT * FROM watibot.health"
+
+WORKERS_IN_FLIGHT = """
+SELECT owner, count(*) AS held, min(lease_left_seconds)::float8 AS worst_lease_left_seconds,
+       count(*) FILTER (WHERE lease_expired) AS expired
+FROM watibot.in_flight
+GROUP BY owner
+ORDER BY owner
+"""
+
+# Counters and histograms for /metrics, computed from finished bursts (immutable once finished; a replay only
+# changes status, and outcome reads replayed_from first) plus the totals of pruned bursts, so they only grow.
+# One scan: GROUPING SETS aggregates outcome, replay and both histograms' buckets together.
+BURST_TOTALS = """
+WITH live AS (
+    SELECT CASE WHEN GROUPING(outcome) = 0 THEN 'outcome'
+                WHEN GROUPING(replayed) = 0 THEN 'replayed'
+                WHEN GROUPING(claim_lag_le) = 0 THEN 'claim_lag'
+                ELSE 'agent_seconds' END AS series,
+           COALESCE(outcome, replayed::text, claim_lag_le, agent_le) AS label,
+           count(*) AS count,
+           COALESCE(CASE WHEN GROUPING(claim_lag_le) = 0 THEN sum(claim_lag_seconds)
+                         WHEN GROUPING(agent_le) = 0 THEN sum(agent_seconds) END, 0) AS sum
+    FROM watibot.finished_burst_facts
+    GROUP BY GROUPING SETS ((outcome), (replayed), (claim_lag_le), (agent_le))
+)
+SELECT series, label, sum(count)::bigint AS count, sum(sum)::float8 AS sum
+FROM (
+    SELECT series, label, count, sum FROM live WHERE label IS NOT NULL AND label <> 'false'
+    UNION ALL
+    SELECT series, label, count, sum FROM watibot.pruned_burst_totals
+) AS totals
+GROUP BY series, label
+"""
+
+CONVERSATIONS_OF_CUSTOMER = """
+SELECT channel, customer, wa_id, due_at, claimed_by, lease_expires_at, attempts, last_error
+FROM watibot.conversation
+WHERE customer = $1 OR wa_id = $1
+ORDER BY channel, customer
+"""
+
+CONVERSATION_MESSAGES = """
+SELECT id, received_at, type, text, burst_id
+FROM watibot.message
+WHERE channel = $1 AND customer = $2
+ORDER BY received_at, id
+"""
+
+CONVERSATION_BURSTS = """
+SELECT id, status, replayed_from, attempts, cardinality(message_ids) AS messages, prompt, reply, error,
+       created_at, sent_at, finished_at
+FROM watibot.burst
+WHERE channel = $1 AND customer = $2
+ORDER BY id
+"""
+
+DEAD_BURSTS = """
+SELECT burst_id, channel, customer, status, reason, attempts, messages, finished_at
+FROM watibot.dead
+LIMIT $1
+"""
+
+BURST_CONVERSATION = "SELECT channel, customer FROM watibot.burst WHERE id = $1"
+
+# Replay locks the conversation before the burst, in the order every fenced write does, so it cannot deadlock
+# with a worker completing a burst of the same conversation.
+LOCK_CONVERSATION = """
+SELECT claimed_by FROM watibot.conversation WHERE channel = $1 AND customer = $2 FOR UPDATE
+"""
+
+LOCK_BURST = "SELECT status FROM watibot.burst WHERE id = $1 FOR UPDATE"
+
+UNCONSUME_MESSAGES = "UPDATE watibot.message SET burst_id = NULL WHERE burst_id = $1"
+
+MARK_REPLAYED = """
+UPDATE watibot.burst SET status = 'replayed', replayed_from = status WHERE id = $1
+"""
+
+# A claimed conversation is left alone: its completion schedules whatever is buffered, the replayed messages too.
+SCHEDULE_REPLAY = """
+UPDATE watibot.conversation SET
+    due_at = now(), buffer_started_at = COALESCE(buffer_started_at, now()), updated_at = now()
+WHERE channel = $1 AND customer = $2 AND claimed_by IS NULL
+"""
+
+# One batch of `watibot prune`: the oldest finished bursts before the cutoff, their consumed messages, and their
+# totals folded into pruned_burst_totals (same grouping as BURST_TOTALS) so metrics keep counting them. Every
+# part of the statement sees the rows before the deletes. SKIP LOCKED: a burst being replayed is left for later.
+# Buffered messages (burst_id NULL) and open bursts (finished_at NULL) are never selected; $2 lists statuses to
+# keep whatever their age (open ones always; dead and attention unless --include-dead), so an outcome added
+# later is pruned like sent.
+PRUNE_BATCH = """
+WITH doomed AS (
+    SELECT id FROM watibot.burst
+    WHERE finished_at < $1 AND status <> ALL($2::text[])
+    ORDER BY finished_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), totals AS (
+    SELECT CASE WHEN GROUPING(outcome) = 0 THEN 'outcome'
+                WHEN GROUPING(replayed) = 0 THEN 'replayed'
+                WHEN GROUPING(claim_lag_le) = 0 THEN 'claim_lag'
+                ELSE 'agent_seconds' END AS series,
+           COALESCE(outcome, replayed::text, claim_lag_le, agent_le) AS label,
+           count(*) AS count,
+           COALESCE(CASE WHEN GROUPING(claim_lag_le) = 0 THEN sum(claim_lag_seconds)
+                         WHEN GROUPING(agent_le) = 0 THEN sum(agent_seconds) END, 0) AS sum
+    FROM watibot.finished_burst_facts JOIN doomed ON doomed.id = finished_burst_facts.burst_id
+    GROUP BY GROUPING SETS ((outcome), (replayed), (claim_lag_le), (agent_le))
+), folded AS (
+    INSERT INTO watibot.pruned_burst_totals AS t (series, label, count, sum)
+    SELECT series, label, count, sum FROM totals WHERE label IS NOT NULL AND label <> 'false'
+    ON CONFLICT (series, label) DO UPDATE SET count = t.count + EXCLUDED.count, sum = t.sum + EXCLUDED.sum
+), messages AS (
+    DELETE FROM watibot.message AS m USING doomed WHERE m.burst_id = doomed.id RETURNING m.id
+), bursts AS (
+    DELETE FROM watibot.burst AS b USING doomed WHERE b.id = doomed.id RETURNING b.id
+)
+SELECT (SELECT count(*) FROM bursts) AS bursts, (SELECT count(*) FROM messages) AS messages
+"""
+
+DATABASE_NOW = "SELECT now()"
+
+VERSION_TABLE_EXISTS = "SELECT to_regclass('watibot.alembic_version') IS NOT NULL"
+
+
+class ReplayRefused(Exception):
+    """The burst cannot be replayed (unknown, or not dead/attention); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What `replay` did."""
+
+    burst_id: int
+    channel: str
+    customer: str
+    replayed_from: str
+    messages: int
+    due_now: bool  # False: the conversation is claimed; its completion picks the messages up
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationStory:
+    """One conversation's row, messages and bursts, for `watibot conversation`."""
+
+    conversation: dict[str, Any]
+    messages: list[dict[str, Any]]
+    bursts: list[dict[str, Any]]
+
+
+OPEN_STATUSES = ("processing", "sending", "retry")
+PROBLEM_STATUSES = ("dead", "attention")
+
+
+class OperatorRepository(Repository):
+    """Read-mostly operations for operators: health, histories, replay, pruning and metric totals."""
+
+    async def health(self) -> dict[str, Any]:
+        """The one row of watibot.health."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchrow(HEALTH)
+        assert row is not None
+        return dict(row)
+
+    async def workers_in_flight(self) -> list[dict[str, Any]]:
+        """Claims held per worker, with the worst lease left."""
+        async with connection(self.pool, self.timeout) as conn:
+            return [dict(row) for row in await conn.fetch(WORKERS_IN_FLIGHT)]
+
+    async def metrics_snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The health row and the burst totals read from one snapshot, so that a scrape is self-consistent."""
+        async with connection(self.pool, self.timeout) as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            health = await conn.fetchrow(HEALTH)
+            totals = [dict(row) for row in await conn.fetch(BURST_TOTALS)]
+        assert health is not None
+        return dict(health), totals
+
+    async def conversation_story(self, customer: str) -> list[ConversationStory]:
+        """Every conversation of `customer` (waId or bsuid) with its messages and bursts, oldest first."""
+        async with connection(self.pool, self.timeout) as conn, conn.transaction(isolation="repeatable_read"):
+            stories = []
+            for row in await conn.fetch(CONVERSATIONS_OF_CUSTOMER, customer):
+                key = (row["channel"], row["customer"])
+                messages = [dict(message) for message in await conn.fetch(CONVERSATION_MESSAGES, *key)]
+                bursts = [dict(burst) for burst in await conn.fetch(CONVERSATION_BURSTS, *key)]
+                stories.append(ConversationStory(dict(row), messages, bursts))
+        return stories
+
+    async def dead_bursts(self, limit: int) -> list[dict[str, Any]]:
+        """Dead and attention bursts, oldest first."""
+        async with connection(self.pool, self.timeout) as conn:
+            return [dict(row) for row in await conn.fetch(DEAD_BURSTS, limit)]
+
+    async def replay(self, burst_id: int) -> ReplayResult:
+        """Put a dead or attention burst's messages back in the buffer and make its conversation due now."""
+        async with connection(self.pool, self.timeout) as conn, conn.transaction():
+            target = await conn.fetchrow(BURST_CONVERSATION, burst_id)
+            if target is None:
+                raise ReplayRefused(f"burst {burst_id} does not exist")
+            key = (target["channel"], target["customer"])
+            claimed_by = await conn.fetchval(LOCK_CONVERSATION, *key)
+            status = await conn.fetchval(LOCK_BURST, burst_id)
+            if status not in PROBLEM_STATUSES:
+                raise ReplayRefused(f"burst {burst_id} is {status}: only dead or attention bursts can be replayed")
+            moved = await conn.execute(UNCONSUME_MESSAGES, burst_id)
+            await conn.execute(MARK_REPLAYED, burst_id)
+            await conn.execute(SCHEDULE_REPLAY, *key)
+        return ReplayResult(burst_id, key[0], key[1], status, int(moved.split()[-1]), claimed_by is None)
+
+    async def prune_batch(self, cutoff: datetime, keep: Sequence[str], batch: int) -> tuple[int, int]:
+        """Delete one batch of bursts finished before `cutoff` (except those in a `keep` status) and their
+        messages: returns (bursts, messages)."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchrow(PRUNE_BATCH, cutoff, [*OPEN_STATUSES, *keep], batch)
+        assert row is not None
+        return int(row["bursts"]), int(row["messages"])
+
+    async def migrated_revision(self) -> str | None:
+        """The alembic revision, or None on a database that was never migrated."""
+        async with connection(self.pool, self.timeout) as conn:
+            if not await conn.fetchval(VERSION_TABLE_EXISTS):
+                return None
+        return await self.schema_revision()
+
+    async def database_now(self) -> datetime:
+        """The database clock (cutoffs are measured on it, like every other time)."""
+        async with connection(self.pool, self.timeout) as conn:
+            value = await conn.fetchval(DATABASE_NOW)
+        assert isinstance(value, datetime)
         return value

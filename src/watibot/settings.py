@@ -21,6 +21,13 @@ class BufferMode(StrEnum):
     SLIDING = "sliding"
 
 
+class LogFormat(StrEnum):
+    """How log lines are written to stderr."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 class ConfigError(Exception):
     """An invalid setting; the message names the environment variable."""
 
@@ -87,8 +94,13 @@ class Settings(BaseSettings):
     db_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     db_pool_size: Annotated[int, Field(gt=0)] = 10
     db_startup_timeout_seconds: Annotated[float, Field(ge=0)] = 60.0
+    db_statement_cache_size: Annotated[int, Field(ge=0)] = Field(
+        default=100,
+        description="Prepared statements cached per connection; 0 behind PgBouncer in transaction pooling mode.",
+    )
     sweeper: bool = Field(default=True, description="Run the sweeper loop in this process.")
     log_level: str = "info"
+    log_format: LogFormat = Field(default=LogFormat.TEXT, description="text (readable) or json (one object a line).")
 
     @field_validator("agent")
     @classmethod

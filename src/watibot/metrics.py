@@ -1,0 +1,180 @@
+"""`GET /metrics` in Prometheus text format, the same whichever worker process answers the scrape.
+
+Two sources, chosen so that no number depends on which worker Prometheus happens to reach:
+
+- **The database**, read at scrape time: gauges (conversations by state, overdue lag, buffered messages, dead and
+  attention bursts) and the burst counters and histograms (bursts by outcome, claim lag, agent time), computed
+  from finished bursts plus `watibot.pruned_burst_totals`. They count the work of every worker on every host,
+  and survive restarts. On several hosts, every host reports the same values: aggregate them with `max`.
+- **Events seen only by a process** (webhooks by status, WATI send latency, lease takeovers): prometheus-client's
+  multiprocess mode. `watibot serve` points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before the workers
+  start; each worker writes its counters there and a scrape sums every worker's files, those of workers that
+  have exited included, so counters never jump back. These are per host (one `serve`).
+
+prometheus_client picks its storage when first imported, so nothing imports this module before `serve` has set
+the variable (the CLI imports it lazily).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from watibot.clients import SendRejected, SendUnknown, WatiClient
+from watibot.db import DatabaseUnavailable
+from watibot.repository import Claim, OperatorRepository
+
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+WEBHOOK_STATUSES = ("buffered", "duplicate", "paused", "recorded", "ignored", "unauthorized", "too_large",
+                    "unsupported_media_type", "invalid", "unavailable")
+_STATUS_BY_CODE = {401: "unauthorized", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
+                   503: "unavailable"}
+BURST_OUTCOMES = ("sent", "no_reply", "dead", "attention", "superseded", "expired", "human")
+# The upper bounds of watibot.histogram_bucket (migration 0003), in order.
+DATABASE_BUCKETS = ("0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300", "600", "+Inf")
+
+_process_registry = CollectorRegistry()
+WEBHOOKS = Counter("watibot_webhooks", "Webhook requests answered, by status: buffered, duplicate, ignored, or "
+                   "the refusal (unauthorized, too_large, unsupported_media_type, invalid, unavailable).",
+                   ["status"], registry=_process_registry)
+WATI_SEND_SECONDS = Histogram("watibot_wati_send_seconds", "Time of one WATI sendSessionMessage call, by outcome "
+                              "(accepted, rejected, unknown).", ["outcome"], registry=_process_registry,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+LEASE_TAKEOVERS = Counter("watibot_lease_takeovers", "Conversations claimed after another worker's lease expired "
+                          "(that worker died, hung, or lost the database).", registry=_process_registry)
+# Every label value exists from the start (at 0), so rates and alerts work before the first event.
+for _status in WEBHOOK_STATUSES:
+    WEBHOOKS.labels(status=_status)
+for _outcome in ("accepted", "rejected", "unknown"):
+    WATI_SEND_SECONDS.labels(outcome=_outcome)
+
+router = APIRouter()
+
+
+def count_webhook(response: Response) -> str:
+    """Count one answered webhook by its status; returns the status."""
+    status = _STATUS_BY_CODE.get(response.status_code, str(response.status_code))
+    if response.status_code == 200 and isinstance(response, JSONResponse):
+        status = str(json.loads(bytes(response.body)).get("status", "ok"))
+    WEBHOOKS.labels(status=status).inc()
+    return status
+
+
+def observe_claim(claim: Claim) -> None:
+    """Count a claim that took a conversation over from a worker whose lease expired."""
+    if claim.previous_owner is not None:
+        LEASE_TAKEOVERS.inc()
+
+
+class TimedWatiClient(WatiClient):
+    """The WATI client, timing every send into `watibot_wati_send_seconds`."""
+
+    async def send_text(self, wa_id: str, text: str, local_message_id: str) -> None:
+        """Send as `WatiClient.send_text` does, observing how long it took and how it ended."""
+        started = time.perf_counter()
+        outcome = "accepted"
+        try:
+            await super().send_text(wa_id, text, local_message_id)
+        except SendRejected:
+            outcome = "rejected"
+            raise
+        except SendUnknown:
+            outcome = "unknown"
+            raise
+        finally:
+            WATI_SEND_SECONDS.labels(outcome=outcome).observe(time.perf_counter() - started)
+
+
+def _histogram(name: str, documentation: str, totals: dict[tuple[str, str], dict[str, Any]]) -> Metric:
+    cumulative, buckets, total_sum = 0, [], 0.0
+    for bound in DATABASE_BUCKETS:
+        row = totals.get((name, bound))
+        if row is not None:
+            cumulative += int(row["count"])
+            total_sum += float(row["sum"])
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(f"watibot_{name}", documentation, buckets=buckets, sum_value=total_sum)
+
+
+def database_metrics(health: dict[str, Any] | None, totals: list[dict[str, Any]]) -> list[Metric]:
+    """The metric families computed from the database (`health` None: the database did not answer)."""
+    up = GaugeMetricFamily("watibot_database_up", "1 when the database answered this scrape.",
+                           value=0 if health is None else 1)
+    if health is None:
+        return [up]
+    conversations = GaugeMetricFamily("watibot_conversations", "Conversations with something to do, by state.",
+                                      labels=["state"])
+    for state, column in (("buffering", "buffering"), ("overdue", "overdue"), ("in_flight", "in_flight"),
+                          ("lease_expired", "leases_expired")):
+        conversations.add_metric([state], health[column])
+    unresolved = GaugeMetricFamily("watibot_bursts_unresolved", "Dead and attention bursts not replayed or pruned.",
+                                   labels=["status"])
+    unresolved.add_metric(["dead"], health["dead"])
+    unresolved.add_metric(["attention"], health["attention"])
+    by_key = {(row["series"], row["label"]): row for row in totals}
+    outcomes = CounterMetricFamily("watibot_bursts", "Finished bursts by outcome (a replayed burst keeps the "
+                                   "outcome it had), pruned ones included.", labels=["outcome"])
+    for outcome in sorted({*BURST_OUTCOMES, *(label for series, label in by_key if series == "outcome")}):
+        outcomes.add_metric([outcome], int(by_key.get(("outcome", outcome), {"count": 0})["count"]))
+    last = health["last_burst_finished_at"]
+    return [
+        up,
+        conversations,
+        GaugeMetricFamily("watibot_overdue_seconds", "How late the most overdue unclaimed conversation is.",
+                          value=float(health["max_lag_seconds"])),
+        GaugeMetricFamily("watibot_buffered_messages", "Messages stored and not yet consumed by a burst.",
+                          value=health["buffered_messages"]),
+        GaugeMetricFamily("watibot_busy_workers", "Workers holding at least one claim right now.",
+                          value=health["busy_workers"]),
+        GaugeMetricFamily("watibot_last_burst_finished_timestamp_seconds", "When the latest burst finished.",
+                          value=0 if last is None else last.timestamp()),
+        unresolved,
+        outcomes,
+        CounterMetricFamily("watibot_bursts_replayed", "Bursts put back in the buffer by `watibot replay`.",
+                            value=int(by_key.get(("replayed", "true"), {"count": 0})["count"])),
+        _histogram("claim_lag", "Claim lag of finished bursts: start of the last attempt minus due time.", by_key),
+        _histogram("agent_seconds", "Agent time of finished bursts that asked the agent.", by_key),
+    ]
+
+
+class _Snapshot:
+    """A collector that yields families computed beforehand (the database is read asynchronously)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def process_registry() -> CollectorRegistry:
+    """Every worker's process metrics in multiprocess mode, this process's otherwise (tests, embedding)."""
+    if os.environ.get(MULTIPROCESS_DIRECTORY):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return _process_registry
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of the whole service: database state and every worker's counters."""
+    state = request.app.state
+    repository = OperatorRepository(state.repository.pool, state.settings)
+    health: dict[str, Any] | None
+    try:
+        health, totals = await repository.metrics_snapshot()
+    except DatabaseUnavailable:
+        health, totals = None, []
+    database = CollectorRegistry()
+    database.register(_Snapshot(database_metrics(health, totals)))
+    body = generate_latest(process_registry()) + generate_latest(database)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,200 @@
+"""The operator commands as users run them: `watibot status / conversation / dead / replay / prune` processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningApp, app_settings, customer_message, previous_revision, wait_until
+from tests.fakes import Answer, FakeWati
+from tests.test_cli import watibot
+from watibot import db
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def run(database_url: str, *args: str) -> Any:
+    """`watibot ARGS` against the test database."""
+    return watibot(*args, env={"WATIBOT_DATABASE_URL": database_url})
+
+
+def dead_burst_from_a_real_run(run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati,
+                               sql: Sql) -> tuple[RunningApp, int]:
+    """A customer message whose reply WATI refused permanently (401): the burst is dead."""
+    fake_wati.script = [Answer(status=401, body={"error": "bad token"})]
+    app = run_app(app_settings(database_url, fake_wati))
+    app.post(customer_message("50376819621", "please book a table"))
+    (row,) = wait_until(lambda: sql("SELECT id FROM watibot.burst WHERE status = 'dead'"), what="a dead burst")
+    return app, int(row[0])
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "status", "conversation", "dead", "replay", "prune",
+                                     "db-url", "webhook-url"])
+def test_every_command_has_help_with_exit_codes(command: str) -> None:
+    """`watibot COMMAND --help` explains the command and ends with the exit codes scripts rely on."""
+    result = watibot(command, "--help")
+    assert result.returncode == 0
+    assert "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error." in result.stdout
+
+
+def test_status_prints_a_table_and_json_with_the_claims_of_each_worker(database_url: str, sql: Sql) -> None:
+    """status shows every count by name, and --json adds health fields and the claims held per worker."""
+    sql("INSERT INTO watibot.conversation (channel, customer, due_at, claimed_by, claimed_at, lease_expires_at) "
+        "VALUES ('c', '1', now() + interval '20 s', 'host-a:41:ab', now(), now() + interval '20 s'), "
+        "('c', '2', now() + interval '1 hour', NULL, NULL, NULL)")
+    table = run(database_url, "status")
+    assert table.returncode == 0, table.stderr
+    for label in ("buffering", "due", "in flight", "lease expired", "buffered messages", "dead", "attention",
+                  "schema", db.SCHEMA_REVISION, "host-a:41:ab"):
+        assert label in table.stdout
+    data = json.loads(run(database_url, "status", "--json").stdout)
+    assert (data["buffering"], data["in_flight"], data["dead_bursts"]) == (1, 1, 0)
+    assert data["workers"] == [{"owner": "host-a:41:ab", "held": 1, "expired": 0,
+                                "worst_lease_left_seconds": pytest.approx(20, abs=5)}]
+
+
+def test_status_exits_1_when_the_database_is_unreachable() -> None:
+    """A script can tell "the database is away" from a healthy answer by the exit code."""
+    result = watibot("status", env={"WATIBOT_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none",
+                                    "WATIBOT_DB_TIMEOUT_SECONDS": "1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_conversation_prints_messages_bursts_and_replies_in_order(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati
+) -> None:
+    """After a real burst, the timeline lists the messages, then the burst, then the reply that was sent."""
+    app = run_app(app_settings(database_url, fake_wati))
+    app.post(customer_message("50376819621", "first question"))
+    app.post(customer_message("50376819621", "second question"))
+    fake_wati.wait_for_sent(1)
+    result = run(database_url, "conversation", "50376819621")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    positions = [text.index(marker) for marker in ("first question", "second question", "2 messages", "Received 2")]
+    assert positions == sorted(positions)
+    assert "sent" in text
+    missing = run(database_url, "conversation", "50300000000")
+    assert missing.returncode == 1
+    assert "no conversation" in missing.stderr
+
+
+def test_dead_lists_the_reason_and_replay_gets_the_customer_answered(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
+) -> None:
+    """A dead burst shows up in `watibot dead` with its reason; `watibot replay` puts it back and it is sent."""
+    _app, burst_id = dead_burst_from_a_real_run(run_app, database_url, fake_wati, sql)
+    listed = run(database_url, "dead")
+    assert listed.returncode == 0
+    assert str(burst_id) in listed.stdout and "HTTP 401" in listed.stdout
+    (entry,) = json.loads(run(database_url, "dead", "--json").stdout)
+    assert (entry["burst_id"], entry["status"], entry["messages"]) == (burst_id, "dead", 1)
+
+    replayed = run(database_url, "replay", str(burst_id))
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 messages back in the buffer" in replayed.stdout and "due now" in replayed.stdout
+    (sent,) = fake_wati.wait_for_sent(1)
+    assert sent["text"] == "Received 1 message:\n1. please book a table"
+    assert sql("SELECT status, replayed_from FROM watibot.burst WHERE id = %s", burst_id) == [("replayed", "dead")]
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'sent'") == [(1,)])
+    assert json.loads(run(database_url, "dead", "--json").stdout) == []
+
+
+def test_replay_refuses_a_burst_that_is_not_dead_and_changes_nothing(database_url: str, sql: Sql) -> None:
+    """Replaying a sent (or unknown) burst exits 1 with a clear message; the database is unchanged."""
+    sql("INSERT INTO watibot.conversation (channel, customer) VALUES ('c', '1')")
+    (burst_id,) = sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, "
+                      "finished_at) VALUES ('c', '1', 'sent', '{}', 1, 'w', now()) RETURNING id")[0]
+    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
+        "VALUES ('c', '1', 'm1', 'text', '{}', %s)", burst_id)
+    result = run(database_url, "replay", str(burst_id))
+    assert result.returncode == 1
+    assert f"burst {burst_id} is sent: only dead or attention bursts can be replayed" in result.stderr
+    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    assert sql("SELECT due_at FROM watibot.conversation") == [(None,)]
+    unknown = run(database_url, "replay", "999999")
+    assert (unknown.returncode, "does not exist" in unknown.stderr) == (1, True)
+    assert run(database_url, "replay", "not-a-number").returncode == 2
+
+
+def test_replay_of_a_claimed_conversation_leaves_its_lease_alone(database_url: str, sql: Sql) -> None:
+    """While a worker holds the conversation, replay only puts the messages back; due_at stays the lease."""
+    sql("INSERT INTO watibot.conversation (channel, customer, due_at, claimed_by, claimed_at, lease_expires_at) "
+        "VALUES ('c', '1', now() + interval '30 s', 'w', now(), now() + interval '30 s')")
+    (burst_id,) = sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, "
+                      "error, finished_at) VALUES ('c', '1', 'attention', '{}', 1, 'w', 'unknown', now()) "
+                      "RETURNING id")[0]
+    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
+        "VALUES ('c', '1', 'm1', 'text', '{}', %s)", burst_id)
+    before = sql("SELECT due_at FROM watibot.conversation")
+    result = run(database_url, "replay", str(burst_id))
+    assert result.returncode == 0, result.stderr
+    assert "claimed right now" in result.stdout
+    assert sql("SELECT due_at FROM watibot.conversation") == before
+    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(1,)]
+
+
+def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(database_url: str, sql: Sql) -> None:
+    """prune removes old finished bursts and their messages; buffered messages, open, recent and dead stay."""
+    sql("INSERT INTO watibot.conversation (channel, customer) VALUES ('c', '1')")
+
+    def burst(status: str, finished: str | None) -> int:
+        return int(sql(
+            "INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, due_at, "
+            "started_at, finished_at) VALUES ('c', '1', %s, '{}', 1, 'w', now() - interval '40 days', "
+            "now() - interval '40 days' + interval '0.3 s', now() - %s::interval) RETURNING id",
+            status, finished)[0][0])
+
+    def message(burst_id: int | None) -> None:
+        sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
+            "VALUES ('c', '1', gen_random_uuid()::text, 'text', '{}', %s)", burst_id)
+
+    old = [burst("sent", "40 days") for _ in range(7)]
+    for burst_id in old:
+        message(burst_id)
+        message(burst_id)
+    recent = burst("sent", "1 day")
+    message(recent)
+    dead = burst("dead", "40 days")
+    message(dead)
+    burst("retry", None)
+    message(None)
+    totals_before = sql("SELECT series, label, count FROM ("
+                        "SELECT 'outcome' AS series, outcome AS label, count(*) AS count "
+                        "FROM watibot.finished_burst_facts GROUP BY outcome) t ORDER BY 1, 2")
+
+    result = run(database_url, "prune", "--older-than", "30d", "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    assert "pruned 7 bursts and 14 messages" in result.stdout
+    assert sql("SELECT status, finished_at IS NULL FROM watibot.burst ORDER BY id") == [
+        ("sent", False), ("dead", False), ("retry", True)]
+    assert sql("SELECT count(*) FILTER (WHERE burst_id IS NULL), count(*) FROM watibot.message") == [(1, 3)]
+    assert sql("SELECT count, sum FROM watibot.pruned_burst_totals WHERE series = 'claim_lag'") == [
+        (7, pytest.approx(2.1))]
+    live = sql("SELECT outcome, count(*) FROM watibot.finished_burst_facts GROUP BY outcome ORDER BY 1")
+    pruned = sql("SELECT label, count FROM watibot.pruned_burst_totals WHERE series = 'outcome'")
+    assert dict(live) | {"sent": dict(live)["sent"] + dict(pruned)["sent"]} == {
+        label: count for _, label, count in totals_before}
+
+    with_dead = run(database_url, "prune", "--older-than", "30d", "--include-dead")
+    assert "pruned 1 bursts and 1 messages" in with_dead.stdout
+    assert run(database_url, "prune", "--older-than", "soon").returncode == 2
+
+
+def test_operator_commands_on_an_unmigrated_database_say_to_migrate(database_url: str) -> None:
+    """Against a schema older than this code (or none), the commands exit 1 and say `watibot migrate`."""
+    older = previous_revision()
+    db.downgrade(database_url, older)
+    for args in (["status"], ["dead"], ["prune", "--older-than", "30d"]):
+        result = run(database_url, *args)
+        assert result.returncode == 1
+        expected = f"schema is at {older}, this watibot expects {db.SCHEMA_REVISION}: run `watibot migrate`"
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+    db.downgrade(database_url, "base")
+    result = run(database_url, "status")
+    assert (result.returncode, "schema is at nothing" in result.stderr) == (1, True)
