@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 
 from watibot.db import DatabaseUnavailable
 from watibot.metrics import count_webhook
-from watibot.payload import DeliveryUpdate, OperatorMessage, OtherEvent, PayloadError, decode_body, parse_event
+from watibot.payload import (
+    CustomerMessage,
+    DeliveryUpdate,
+    OperatorMessage,
+    OtherEvent,
+    PayloadError,
+    decode_body,
+    parse_event,
+)
 
 log = logging.getLogger("watibot.ingest")
 router = APIRouter()
@@ -136,21 +144,23 @@ async def _receive(request: Request) -> JSONResponse:  # noqa: PLR0911 - one ret
         log.debug("ignored event %s", parsed.event_type)
         return JSONResponse({"status": "ignored"})
     try:
-        if isinstance(parsed, OperatorMessage):
-            paused = await state.repository.operator_message(parsed)
-            return JSONResponse({"status": "paused" if paused else "ignored"})
-        if isinstance(parsed, DeliveryUpdate):
-            known = await state.repository.delivery_update(parsed)
-            return JSONResponse({"status": "recorded" if known else "ignored"})
-        result = await state.repository.ingest(parsed)
+        return JSONResponse({"status": await _store(state, parsed)})
     except DatabaseUnavailable as error:
         log.warning("webhook refused, database unavailable: %s", error)
         return _error(503, "database unavailable; nothing was stored, retry later", {"Retry-After": "5"})
+
+
+async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
+    """Commit what the event means; returns the status to answer. Raises DatabaseUnavailable."""
+    if isinstance(event, OperatorMessage):
+        return "paused" if await state.repository.operator_message(event) else "ignored"
+    if isinstance(event, DeliveryUpdate):
+        return "recorded" if await state.repository.delivery_update(event) else "ignored"
+    result = await state.repository.ingest(event)
     if result.duplicate:
-        log.debug("duplicate delivery %s", parsed.provider_message_id)
-        return JSONResponse({"status": "duplicate"})
-    sweeper = getattr(state, "sweeper", None)
-    if sweeper is not None:
-        sweeper.hint(result.wait_seconds)
-    log.debug("buffered %s for %s/%s", parsed.provider_message_id, parsed.channel, parsed.customer)
-    return JSONResponse({"status": "buffered"})
+        log.debug("duplicate delivery %s", event.provider_message_id)
+        return "duplicate"
+    if state.sweeper is not None:
+        state.sweeper.hint(result.wait_seconds)
+    log.debug("buffered %s for %s/%s", event.provider_message_id, event.channel, event.customer)
+    return "buffered"

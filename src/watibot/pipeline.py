@@ -54,24 +54,33 @@ class Pipeline:
 
     async def process(self, claim: Claim) -> None:
         """Run one claimed conversation to a committed outcome, or leave it for the lease to hand over."""
-        context = {"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence}
+        context: dict[str, object] = {"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence}
         metrics.observe_claim(claim)
+        burst = await self._begin(claim, context)
+        if burst is not None:
+            await self._run(claim, burst, context)
+
+    async def _begin(self, claim: Claim, context: dict[str, object]) -> Burst | None:
+        """Begin (or resume) the burst, or report why there is none to run."""
         try:
             begun = await self.repository.begin_burst(claim)
         except (LeaseLost, DatabaseUnavailable) as error:
             log.warning("could not begin burst: %s", error, extra=context)
-            return
+            return None
         if isinstance(begun, Closed):
             if begun.reason in {"attention", "dead"}:
                 log.warning("burst closed as %s before processing", begun.reason, extra=context)
             elif begun.reason == "paused":
                 log.info("conversation paused for a human operator", extra=context)
             self.schedule_hint(begun.wait_seconds)
-            return
-        burst = begun
-        context["burst"] = burst.id
+            return None
+        context["burst"] = begun.id
         if claim.previous_owner is not None:
             log.info("took over from %s (lease expired)", claim.previous_owner, extra=context)
+        return begun
+
+    async def _run(self, claim: Claim, burst: Burst, context: dict[str, object]) -> None:
+        """Agent, checks, sends, completion; every failure ends in a committed state or a lease to expire."""
         sending = False
         try:
             parts = await self._reply_parts(claim, burst)
@@ -84,22 +93,8 @@ class Pipeline:
                 await self._close(claim, burst, "expired", reason, context)
                 return
             sending = True
-            for part in range(burst.parts_sent, len(parts)):
-                await self.repository.mark_sending(claim, burst, part)
-                try:
-                    await self.wati.send_text(
-                        claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
-                    )
-                except SendRejected:
-                    await self.repository.clear_sending(claim, burst)
-                    raise
-                # Only this worker knows WATI accepted the part: keep trying to record it through a short
-                # database outage, or a taker would have to treat the send as unknown.
-                await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
+            await self._send(claim, burst, parts, context)
             sending = False
-            wait = await self._persist(lambda: self.repository.complete(claim, burst, "sent"))
-            log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
-            self.schedule_hint(wait)
         except SendUnknown as error:
             log.error("send outcome unknown, burst needs attention: %s", error, extra=context)
             await self._close(claim, burst, "attention", str(error), context)
@@ -113,6 +108,24 @@ class Pipeline:
             if not sending:
                 await self._hand_back(claim, burst, context)
             raise
+
+    async def _send(self, claim: Claim, burst: Burst, parts: list[str], context: dict[str, object]) -> None:
+        """Send the parts not yet accepted, each fenced and recorded, then complete the burst."""
+        for part in range(burst.parts_sent, len(parts)):
+            await self.repository.mark_sending(claim, burst, part)
+            try:
+                await self.wati.send_text(
+                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+                )
+            except SendRejected:
+                await self.repository.clear_sending(claim, burst)
+                raise
+            # Only this worker knows WATI accepted the part: keep trying to record it through a short
+            # database outage, or a taker would have to treat the send as unknown.
+            await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
+        wait = await self._persist(lambda: self.repository.complete(claim, burst, "sent"))
+        log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
+        self.schedule_hint(wait)
 
     async def _persist(self, write: Callable[[], Awaitable[T]]) -> T:
         """Retry a fenced write while the database is unavailable, for at most one lease.
