@@ -61,7 +61,7 @@ class FakeHttpServer:
                 request = {
                     "path": split.path,
                     "query": {key: values[0] for key, values in parse_qs(split.query).items()},
-                    "headers": dict(self.headers.items()),
+                    "headers": {name.lower(): value for name, value in self.headers.items()},  # case-insensitive
                     "json": json.loads(raw) if raw else None,
                     "received": time.monotonic(),
                 }

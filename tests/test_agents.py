@@ -53,7 +53,7 @@ def test_openai_agent_sends_the_system_prompt_history_and_the_whole_burst(
     assert [message["text"] for message in sent] == ["reply 1", "reply 2"]
     first, second = fake_openai.requests
     assert first["path"] == "/v1/chat/completions"
-    assert first["headers"]["Authorization"] == "Bearer sk-test-secret"
+    assert first["headers"]["authorization"] == "Bearer sk-test-secret"
     assert first["json"] == {"model": "test-model", "messages": [
         {"role": "system", "content": "You are the booking assistant."},
         {"role": "user", "content": "hi\nI want to book"},

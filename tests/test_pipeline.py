@@ -24,7 +24,7 @@ def test_two_messages_a_second_apart_get_one_reply_with_both(
     (sent,) = fake_wati.wait_for_sent(1)
     assert sent["wa_id"] == "50376819621"
     assert sent["text"] == "Received 2 messages:\n1. hi\n2. I want to book"
-    assert fake_wati.requests[0]["headers"]["Authorization"] == "Bearer test-wati-token-secret"
+    assert fake_wati.requests[0]["headers"]["authorization"] == "Bearer test-wati-token-secret"
     assert fake_wati.requests[0]["path"] == "/1234/api/v1/sendSessionMessage/50376819621"
 
 

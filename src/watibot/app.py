@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from watibot import db
 from watibot.agents import build_agent
-from watibot.clients import http_client
+from watibot.clients import agent_http_client, http_client
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging, set_worker
 from watibot.metrics import TimedWatiClient
@@ -47,8 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = db.resolve_database_url(active)
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
         pool = await db.create_pool(active, url)
-        outbound = http_client(max(active.wati_timeout_seconds, active.agent_timeout_seconds),
-                               active.concurrency * 2)
+        outbound = agent_http_client(active.agent_timeout_seconds, active.concurrency)
         wati_http = http_client(active.wati_timeout_seconds, active.concurrency)
         repository = Repository(pool, active)
         app.state.settings = active

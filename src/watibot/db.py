@@ -61,6 +61,15 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing to undo.
+
+    asyncpg rolls back an open transaction before calling this; watibot sets no session state, holds no
+    advisory locks, cursors or LISTENs, so the default reset (4 statements and a round trip per release) is
+    pure cost: it was a sixth of a worker's time in the drain benchmark.
+    """
+
+
 async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
     """Open the pool. Connections are made lazily, so this succeeds while the database is down."""
     pool = asyncpg.create_pool(
@@ -70,6 +79,7 @@ async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
         timeout=settings.db_timeout_seconds,
         command_timeout=settings.db_timeout_seconds,
         init=_init_connection,
+        reset=_keep_session,
         statement_cache_size=settings.db_statement_cache_size,
         server_settings={"application_name": "watibot"},
     )
