@@ -14,7 +14,7 @@ from tests.conftest import app_settings
 from watibot import db
 from watibot.db import LeaseLost
 from watibot.payload import parse_event
-from watibot.repository import Burst, Repository
+from watibot.repository import Burst, RecordedReply, Repository
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 T = TypeVar("T")
@@ -135,8 +135,8 @@ def test_send_in_flight_at_takeover_goes_to_attention_not_resent(database_url: s
         (first,) = await repository.claim_due("old", 10)
         burst = await repository.begin_burst(first)
         assert isinstance(burst, Burst)
-        await repository.record_reply(first, burst, "m0\nm1", "hello", 1, burst.messages[0].received_at)
-        await repository.mark_sending(first, burst, 0)
+        reply = RecordedReply("m0\nm1", "hello", 1, burst.messages[0].received_at)
+        assert await repository.mark_sending(first, burst, 0, reply)
         await repository.pool.execute("UPDATE watibot.conversation SET due_at = now(), lease_expires_at = now()")
         (second,) = await repository.claim_due("new", 10)
         return await repository.begin_burst(second)

@@ -40,6 +40,18 @@ def test_alembic_upgrade_head_works_at_the_repo_root(database_url: str, sql: Sql
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 
+def test_burst_functions_exist_and_downgrade_cleanly(database_url: str, sql: Sql) -> None:
+    """The burst-step functions are created with comments and dropped again by their revision's downgrade."""
+    functions = "SELECT proname FROM pg_proc WHERE pronamespace = 'watibot'::regnamespace AND proname = ANY(%s) ORDER BY 1"
+    names = ["begin_burst", "burst_messages", "finish_burst", "release_claim"]
+    assert [row[0] for row in sql(functions, names)] == names
+    assert sql("SELECT count(*) FROM pg_proc WHERE pronamespace = 'watibot'::regnamespace AND proname = ANY(%s) "
+               "AND obj_description(oid, 'pg_proc') IS NULL", names) == [(0,)]
+    db.downgrade(database_url, "0003_operability")
+    assert sql(functions, names) == []
+    db.upgrade(database_url)
+
+
 def test_every_table_and_column_that_needs_it_is_commented(sql: Sql) -> None:
     """`\\d+` explains the schema: every watibot table has a comment, and so do the claim columns."""
     uncommented = sql(
@@ -62,11 +74,9 @@ def test_hot_conversation_table_is_tuned_against_bloat(sql: Sql) -> None:
 
 def test_burst_table_is_tuned_and_the_operability_revision_downgrades_cleanly(database_url: str, sql: Sql) -> None:
     """The operability revision sets fillfactor on burst and drops its views and settings again on downgrade."""
-    from tests.conftest import previous_revision
-
     (options,) = sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass")[0]
     assert "fillfactor=80" in options
-    db.downgrade(database_url, previous_revision())
+    db.downgrade(database_url, "0002_conversations")
     assert sql("SELECT count(*) FROM pg_views WHERE schemaname = 'watibot'") == [(0,)]
     assert sql("SELECT reloptions FROM pg_class WHERE oid = 'watibot.burst'::regclass") == [(None,)]
     db.upgrade(database_url)

@@ -22,7 +22,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0003_operability"
+SCHEMA_REVISION = "0004_burst_functions"
 
 
 class DatabaseUnavailable(Exception):

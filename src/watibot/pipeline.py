@@ -15,7 +15,7 @@ from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, 
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseUnavailable, LeaseLost
 from watibot.payload import describe
-from watibot.repository import BufferedMessage, Burst, Claim, Closed, Repository
+from watibot.repository import BufferedMessage, Burst, Claim, Closed, RecordedReply, Repository
 from watibot.settings import Settings
 
 log = logging.getLogger("watibot.pipeline")
@@ -83,17 +83,12 @@ class Pipeline:
         """Agent, checks, sends, completion; every failure ends in a committed state or a lease to expire."""
         sending = False
         try:
-            parts = await self._reply_parts(claim, burst)
-            if parts is None:
+            answer = await self._answer(claim, burst)
+            if answer is None:
                 return
-            if burst.parts_sent == 0 and not await self.repository.session_window_open(claim):
-                reason = (f"not sent: the customer's latest message is older than WhatsApp's "
-                          f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
-                log.warning("%s", reason, extra=context)
-                await self._close(claim, burst, "expired", reason, context)
-                return
+            parts, new_reply = answer
             sending = True
-            await self._send(claim, burst, parts, context)
+            await self._send(claim, burst, parts, new_reply, context)
             sending = False
         except SendUnknown as error:
             log.error("send outcome unknown, burst needs attention: %s", error, extra=context)
@@ -109,10 +104,25 @@ class Pipeline:
                 await self._hand_back(claim, burst, context)
             raise
 
-    async def _send(self, claim: Claim, burst: Burst, parts: list[str], context: dict[str, object]) -> None:
-        """Send the parts not yet accepted, each fenced and recorded, then complete the burst."""
+    async def _send(
+        self, claim: Claim, burst: Burst, parts: list[str], new_reply: RecordedReply | None,
+        context: dict[str, object],
+    ) -> None:
+        """Send the parts not yet accepted, each fenced and recorded, then complete the burst.
+
+        The first mark also records a new reply and checks WhatsApp's session window; the last part's
+        acceptance is recorded by the completion itself.
+        """
+        last = len(parts) - 1
         for part in range(burst.parts_sent, len(parts)):
-            await self.repository.mark_sending(claim, burst, part)
+            may_send = await self.repository.mark_sending(claim, burst, part, new_reply)
+            new_reply = None
+            if not may_send:
+                reason = (f"not sent: the customer's latest message is older than WhatsApp's "
+                          f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
+                log.warning("%s", reason, extra=context)
+                await self._close(claim, burst, "expired", reason, context)
+                return
             try:
                 await self.wati.send_text(
                     claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
@@ -122,8 +132,11 @@ class Pipeline:
                 raise
             # Only this worker knows WATI accepted the part: keep trying to record it through a short
             # database outage, or a taker would have to treat the send as unknown.
-            await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
-        wait = await self._persist(lambda: self.repository.complete(claim, burst, "sent"))
+            if part < last:
+                await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
+        wait = await self._persist(
+            functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts))
+        )
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
 
@@ -145,10 +158,11 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _reply_parts(self, claim: Claim, burst: Burst) -> list[str] | None:
-        """The reply to send (asking the agent unless a previous attempt recorded one); None if done already."""
+    async def _answer(self, claim: Claim, burst: Burst) -> tuple[list[str], RecordedReply | None] | None:
+        """The reply to send, split in parts, and the agent's answer to record if it is new (a previous
+        attempt's recorded reply is reused, never regenerated); None when the burst is already closed."""
         if burst.reply is not None:
-            return split_text(burst.reply)
+            return split_text(burst.reply), None
         messages = [
             AgentMessage(
                 id=message.id,
@@ -172,21 +186,21 @@ class Pipeline:
         started = datetime.now(UTC)
         try:
             async with asyncio.timeout(self.settings.agent_timeout_seconds):
-                reply = await self.agent.reply(request)
+                text = await self.agent.reply(request)
         except TimeoutError:
             raise AgentError(f"agent did not answer within {self.settings.agent_timeout_seconds:g} s") from None
-        if reply is None or not reply.strip():
-            wait = await self.repository.complete(claim, burst, "no_reply", request.prompt, started)
-            self.schedule_hint(wait)
+        if text is None or not text.strip():
+            silent = RecordedReply(request.prompt, "", 0, started)
+            self.schedule_hint(await self.repository.complete(claim, burst, "no_reply", reply=silent))
             return None
+        parts = split_text(text)
+        reply = RecordedReply(request.prompt, text, len(parts), started)
         if self.settings.supersede and await self.repository.has_newer_messages(claim, burst):
             log.info("newer messages arrived while the agent worked: reply discarded, burst enlarged",
                      extra={"conversation": request.conversation, "burst": burst.id})
-            self.schedule_hint(await self.repository.supersede(claim, burst, request.prompt, reply, started))
+            self.schedule_hint(await self.repository.supersede(claim, burst, reply))
             return None
-        parts = split_text(reply)
-        await self.repository.record_reply(claim, burst, request.prompt, reply, len(parts), started)
-        return parts
+        return parts, reply
 
     async def _describe(self, message: BufferedMessage) -> str:
         """The message's line in the prompt; a configured media resolver describes non-text messages."""

@@ -8,10 +8,9 @@ first: a worker whose claim was taken over gets `LeaseLost` and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -135,129 +134,74 @@ WHERE c.channel = held.channel AND c.customer = held.customer AND c.fence = held
 RETURNING c.channel, c.customer
 """
 
-LOCK_FENCED = """
-SELECT wa_id, paused_until > now() AS paused, human_message_at FROM watibot.conversation
-WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
-FOR UPDATE
-"""
+# The burst steps. Each is one round trip: a statement whose fence check is part of it, or a function
+# (migration 0004) that locks the conversation row first and then reads the buffer with a fresh snapshot.
+BEGIN_BURST = "SELECT * FROM watibot.begin_burst($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
-OPEN_BURST = """
-SELECT id, status, message_ids, reply, reply_parts, parts_sent, sending_part, attempts, error
-FROM watibot.burst
-WHERE channel = $1 AND customer = $2 AND status IN ('processing', 'sending', 'retry')
-"""
+FINISH_BURST = "SELECT * FROM watibot.finish_burst($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 
-# The burst: every unconsumed message received up to the claim, in WATI timestamp order, then arrival.
-BUFFERED_MESSAGES = """
-SELECT m.id, m.provider_message_id, m.type, m.text, m.wati_timestamp, m.received_at, m.payload -> 'data' AS data
-FROM watibot.message AS m
-JOIN watibot.conversation AS c USING (channel, customer)
-WHERE m.channel = $1 AND m.customer = $2 AND m.burst_id IS NULL AND m.received_at <= c.claimed_at
-ORDER BY m.wati_timestamp NULLS LAST, m.id
-"""
-
-MESSAGES_BY_ID = """
-SELECT m.id, m.provider_message_id, m.type, m.text, m.wati_timestamp, m.received_at, m.payload -> 'data' AS data
-FROM unnest($1::bigint[]) WITH ORDINALITY AS wanted(id, position)
-JOIN watibot.message AS m USING (id)
-ORDER BY wanted.position
-"""
-
-INSERT_BURST = """
-INSERT INTO watibot.burst (channel, customer, message_ids, fence, claimed_by, due_at)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id, attempts
-"""
-
-RESTART_BURST = """
-UPDATE watibot.burst SET
-    status = CASE WHEN reply IS NULL THEN 'processing' ELSE 'sending' END,
-    message_ids = COALESCE($2, message_ids),
-    attempts = attempts + 1, fence = $3, claimed_by = $4, due_at = $5, started_at = now()
-WHERE id = $1
-RETURNING attempts
-"""
-
-RECORD_REPLY = """
-UPDATE watibot.burst SET
-    status = 'sending', prompt = $2, reply = $3, reply_parts = $4,
-    agent_started_at = $5, agent_finished_at = now()
-WHERE id = $1
-"""
-
-EXTEND_LEASE = """
-UPDATE watibot.conversation SET
-    lease_expires_at = now() + make_interval(secs => $3),
-    due_at = now() + make_interval(secs => $3)
-WHERE channel = $1 AND customer = $2
-"""
-
-MARK_SENDING = "UPDATE watibot.burst SET sending_part = $2 WHERE id = $1"
-
-MARK_PART_SENT = """
-UPDATE watibot.burst SET
-    sending_part = NULL, parts_sent = $2 + 1,
-    sent_at = CASE WHEN $2 + 1 >= reply_parts THEN now() ELSE sent_at END
-WHERE id = $1
-"""
-
-CLEAR_SENDING = "UPDATE watibot.burst SET sending_part = NULL WHERE id = $1"
-
-FINISH_BURST = """
-UPDATE watibot.burst SET status = $2, error = COALESCE($3, error), finished_at = now(),
-    prompt = COALESCE(prompt, $4), agent_started_at = COALESCE(agent_started_at, $5),
-    agent_finished_at = COALESCE(agent_finished_at, CASE WHEN $5::timestamptz IS NOT NULL THEN now() END)
-WHERE id = $1
-"""
-
-CONSUME_MESSAGES = """
-UPDATE watibot.message SET burst_id = $1
-WHERE id = ANY($2::bigint[]) AND burst_id IS NULL
-"""
-
-# Release the claim and schedule whatever is still buffered (messages that arrived during processing) by the
-# same window rules as ingest: fixed = first + window; sliding = latest + window, capped at first + max.
-RELEASE_AND_SCHEDULE = """
-WITH buffered AS (
-    SELECT min(received_at) AS first_at, max(received_at) AS last_at
-    FROM watibot.message
-    WHERE channel = $1 AND customer = $2 AND burst_id IS NULL
+# Before a part goes to WATI: extend the lease to cover the send, record the agent's reply (first time only) and
+# mark the part in flight — unless the customer's newest message is outside WhatsApp's session window, which
+# may_send reports. No row: the fence no longer matches.
+MARK_SENDING = """
+WITH held AS (
+    UPDATE watibot.conversation SET
+        lease_expires_at = now() + make_interval(secs => $5), due_at = now() + make_interval(secs => $5)
+    WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
+    RETURNING 1
+), session AS (
+    SELECT $7 > 0 OR max(COALESCE(wati_timestamp, received_at)) > now() - make_interval(secs => $8) AS open
+    FROM watibot.message WHERE channel = $1 AND customer = $2
 )
-UPDATE watibot.conversation AS c SET
-    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
-    due_at = CASE
-        WHEN buffered.first_at IS NULL THEN NULL
-        WHEN $3 = 'sliding' THEN LEAST(buffered.last_at + make_interval(secs => $4),
-                                        buffered.first_at + make_interval(secs => $5))
-        ELSE buffered.first_at + make_interval(secs => $4)
-    END,
-    buffer_started_at = buffered.first_at,
-    attempts = 0, last_error = NULL, updated_at = now()
-FROM buffered
-WHERE c.channel = $1 AND c.customer = $2
-RETURNING c.due_at - now() AS wait
+UPDATE watibot.burst SET
+    status = 'sending',
+    sending_part = CASE WHEN (SELECT open FROM session) THEN $7 END,
+    prompt = COALESCE($9, prompt), reply = COALESCE($10, reply), reply_parts = COALESCE($11, reply_parts),
+    agent_started_at = COALESCE($12, agent_started_at),
+    agent_finished_at = CASE WHEN $10::text IS NOT NULL THEN now() ELSE agent_finished_at END
+WHERE id = $6 AND EXISTS (SELECT 1 FROM held)
+RETURNING (SELECT open FROM session) AS may_send
 """
 
-# Messages an operator already answered: buffered ones received before the operator's latest message.
-HUMAN_ANSWERED = """
-SELECT m.id FROM watibot.message AS m
-JOIN watibot.conversation AS c USING (channel, customer)
-WHERE m.channel = $1 AND m.customer = $2 AND m.burst_id IS NULL AND m.received_at <= c.human_message_at
-ORDER BY m.id
-"""
-
-INSERT_CLOSED_BURST = """
-INSERT INTO watibot.burst (channel, customer, message_ids, fence, claimed_by, status, error, finished_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+# Fenced single-row writes to the burst: the conversation row is locked (and the fence checked) in the same
+# statement.
+MARK_PART_SENT = """
+WITH held AS (
+    SELECT 1 FROM watibot.conversation
+    WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
+    FOR UPDATE
+)
+UPDATE watibot.burst SET sending_part = NULL, parts_sent = $6 + 1
+WHERE id = $5 AND EXISTS (SELECT 1 FROM held)
 RETURNING id
 """
 
-# Release a paused conversation until its pause ends; the buffer stays as it is.
-RELEASE_UNTIL_PAUSE_ENDS = """
+CLEAR_SENDING = """
+WITH held AS (
+    SELECT 1 FROM watibot.conversation
+    WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
+    FOR UPDATE
+)
+UPDATE watibot.burst SET sending_part = NULL WHERE id = $5 AND EXISTS (SELECT 1 FROM held)
+RETURNING id
+"""
+
+# Release the claim with the conversation due again later; the burst keeps its messages, reply and progress.
+# $7: the burst's new status ('retry'); $8: attempts to count (a hand-back at shutdown does not count one).
+RELEASE_FOR_LATER = """
+WITH burst AS (
+    UPDATE watibot.burst SET status = 'retry', error = COALESCE($8, error), attempts = attempts - $9
+    WHERE id = $5 AND EXISTS (
+        SELECT 1 FROM watibot.conversation
+        WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4)
+    RETURNING attempts
+)
 UPDATE watibot.conversation SET
-    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = paused_until, updated_at = now()
-WHERE channel = $1 AND customer = $2
-RETURNING due_at - now() AS wait
+    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+    due_at = now() + make_interval(secs => $6), attempts = COALESCE((SELECT attempts FROM burst), $7),
+    last_error = $8, updated_at = now()
+WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
+RETURNING 1
 """
 
 NEWER_MESSAGES = """
@@ -265,34 +209,6 @@ SELECT EXISTS (
     SELECT 1 FROM watibot.message
     WHERE channel = $1 AND customer = $2 AND burst_id IS NULL AND NOT (id = ANY($3::bigint[]))
 )
-"""
-
-# The newest customer message (WATI's timestamp, else arrival) must be within WhatsApp's session window.
-SESSION_WINDOW_OPEN = """
-SELECT max(COALESCE(wati_timestamp, received_at)) > now() - make_interval(secs => $3)
-FROM watibot.message WHERE channel = $1 AND customer = $2
-"""
-
-SUPERSEDE_BURST = """
-UPDATE watibot.burst SET status = 'superseded', finished_at = now(), prompt = $2, reply = $3,
-    agent_started_at = $4, agent_finished_at = now(),
-    error = 'newer messages arrived before the reply was sent: the next burst answers them all'
-WHERE id = $1
-"""
-
-SCHEDULE_RETRY = """
-UPDATE watibot.burst SET status = 'retry', error = $2 WHERE id = $1
-"""
-
-RELEASE_FOR_RETRY = """
-UPDATE watibot.conversation SET
-    claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
-    due_at = now() + make_interval(secs => $3), attempts = $4, last_error = $5, updated_at = now()
-WHERE channel = $1 AND customer = $2
-"""
-
-RETURN_BURST = """
-UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1 WHERE id = $1
 """
 
 # The customer's earlier answered bursts, newest first, for an agent's memory.
@@ -384,19 +300,22 @@ class Closed:
     wait_seconds: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedReply:
+    """The agent's answer, kept with the burst before anything is sent."""
+
+    prompt: str
+    text: str
+    parts: int
+    agent_started_at: datetime
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
 def _seconds(value: Any) -> float | None:
     return None if value is None else float(value.total_seconds())
-
-
-class _Held:
-    """A connection inside a fenced transaction, with the conversation row it locked."""
-
-    def __init__(self, conn: asyncpg.Connection, held: asyncpg.Record) -> None:
-        self._conn = conn
-        self.held = held
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
 
 
 class Repository:
@@ -477,152 +396,100 @@ class Repository:
             )
         return {(row["channel"], row["customer"]) for row in rows}
 
-    @contextlib.asynccontextmanager
-    async def _fenced(self, claim: Claim) -> AsyncIterator[Any]:
-        """A transaction that holds the conversation row, entered only while `claim` is still current.
-
-        The connection it yields carries the locked row as `.held` (pause state for `begin_burst`).
-        """
-        async with connection(self.pool, self.timeout) as conn, conn.transaction():
-            held = await conn.fetchrow(LOCK_FENCED, claim.channel, claim.customer, claim.fence, claim.owner)
-            if held is None:
-                raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
-            yield _Held(conn, held)
-
-    async def _release(self, conn: asyncpg.Connection, claim: Claim) -> float | None:
-        s = self.settings
-        wait = await conn.fetchval(
-            RELEASE_AND_SCHEDULE, claim.channel, claim.customer, s.buffer_mode.value, s.buffer_seconds,
-            s.buffer_max_seconds,
-        )
-        return _seconds(wait)
-
-    async def _close_burst(
-        self, conn: asyncpg.Connection, claim: Claim, burst_id: int, message_ids: Sequence[int], status: str,
-        error: str | None, prompt: str | None = None, agent_started_at: datetime | None = None,
-    ) -> float | None:
-        await conn.execute(FINISH_BURST, burst_id, status, error, prompt, agent_started_at)
-        await conn.execute(CONSUME_MESSAGES, burst_id, list(message_ids))
-        return await self._release(conn, claim)
-
     # -- bursts --
+
+    async def _fetch_fenced(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with connection(self.pool, self.timeout) as conn:
+            return await conn.fetchrow(query, *args)
+
+    def _claim_args(self, claim: Claim) -> tuple[str, str, int, str]:
+        return claim.channel, claim.customer, claim.fence, claim.owner
+
+    def _window_args(self) -> tuple[str, float, float]:
+        s = self.settings
+        return s.buffer_mode.value, s.buffer_seconds, s.buffer_max_seconds
 
     async def begin_burst(self, claim: Claim) -> Burst | Closed:
         """Start (or resume) the conversation's burst under `claim`, or close what cannot go on.
 
         A burst left with a send in flight by a previous holder has an unknown outcome: it goes to attention,
         never re-sent. One past its attempts goes dead. A burst with a recorded reply resumes sending after the
-        parts already accepted; one without a reply is rebuilt from the whole buffer.
+        parts already accepted; one without a reply is rebuilt from the whole buffer. A conversation an
+        operator took over waits for the pause to end; messages the operator answered are closed as `human`.
         """
-        async with self._fenced(claim) as conn:
-            if conn.held["paused"]:
-                wait = await conn.fetchval(RELEASE_UNTIL_PAUSE_ENDS, claim.channel, claim.customer)
-                return Closed("paused", _seconds(wait))
-            open_burst = await conn.fetchrow(OPEN_BURST, claim.channel, claim.customer)
-            if conn.held["human_message_at"] is not None and self.settings.human_answered == "skip":
-                open_burst = await self._close_human_answered(conn, claim, open_burst)
-            if open_burst is not None:
-                burst_id, message_ids = open_burst["id"], open_burst["message_ids"]
-                if open_burst["sending_part"] is not None:
-                    reason = (f"send of reply part {open_burst['sending_part'] + 1} was in flight when its worker "
-                              "lost the claim: outcome unknown, not re-sent")
-                    wait = await self._close_burst(conn, claim, burst_id, message_ids, "attention", reason)
-                    return Closed("attention", wait)
-                if open_burst["attempts"] >= self.settings.max_attempts:
-                    reason = f"gave up after {open_burst['attempts']} attempts; last error: {open_burst['error']}"
-                    wait = await self._close_burst(conn, claim, burst_id, message_ids, "dead", reason)
-                    return Closed("dead", wait)
-                if open_burst["reply"] is None:
-                    messages = await self._buffered(conn, claim)
-                    message_ids = [message.id for message in messages]
-                else:
-                    messages = await self._messages(conn, message_ids)
-                attempts = await conn.fetchval(
-                    RESTART_BURST, burst_id, message_ids if open_burst["reply"] is None else None, claim.fence,
-                    claim.owner, claim.was_due_at,
-                )
-                return Burst(burst_id, attempts, messages, open_burst["reply"], open_burst["reply_parts"],
-                             open_burst["parts_sent"])
-            messages = await self._buffered(conn, claim)
-            if not messages:
-                return Closed("empty", await self._release(conn, claim))
-            row = await conn.fetchrow(
-                INSERT_BURST, claim.channel, claim.customer, [message.id for message in messages], claim.fence,
-                claim.owner, claim.was_due_at,
+        s = self.settings
+        row = await self._fetch_fenced(
+            BEGIN_BURST, *self._claim_args(claim), claim.was_due_at, s.max_attempts, s.human_answered == "skip",
+            *self._window_args(),
+        )
+        assert row is not None
+        if row["outcome"] == "lost":
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+        if row["outcome"] != "run":
+            return Closed(row["outcome"], row["wait_seconds"])
+        messages = [
+            BufferedMessage(
+                id=item["id"], provider_message_id=item["provider_message_id"], type=item["type"],
+                text=item["text"], wati_timestamp=_timestamp(item["wati_timestamp"]),
+                received_at=_timestamp(item["received_at"]) or datetime.now(UTC), data=item["data"],
             )
-            assert row is not None
-            return Burst(row["id"], row["attempts"], messages, None, None, 0)
+            for item in row["messages"]
+        ]
+        return Burst(row["burst_id"], row["attempts"], messages, row["reply"], row["reply_parts"],
+                     row["parts_sent"])
 
-    async def _close_human_answered(
-        self, conn: asyncpg.Connection, claim: Claim, open_burst: asyncpg.Record | None
-    ) -> asyncpg.Record | None:
-        """Close, as answered by a human, the buffered messages received before the operator's latest message."""
-        answered = {row["id"] for row in await conn.fetch(HUMAN_ANSWERED, claim.channel, claim.customer)}
-        if not answered:
-            return open_burst
-        reason = "answered by a human operator"
-        if open_burst is not None and set(open_burst["message_ids"]) <= answered:
-            await conn.execute(FINISH_BURST, open_burst["id"], "human", reason, None, None)
-            await conn.execute(CONSUME_MESSAGES, open_burst["id"], open_burst["message_ids"])
-            answered -= set(open_burst["message_ids"])
-            open_burst = None
-        elif open_burst is not None:
-            answered -= set(open_burst["message_ids"])
-        if answered:
-            ids = sorted(answered)
-            burst_id = await conn.fetchval(INSERT_CLOSED_BURST, claim.channel, claim.customer, ids, claim.fence,
-                                           claim.owner, "human", reason)
-            await conn.execute(CONSUME_MESSAGES, burst_id, ids)
-        return open_burst
+    async def _finish(
+        self, claim: Claim, burst: Burst, status: str, *, error: str | None = None, parts_sent: int | None = None,
+        prompt: str | None = None, reply: str | None = None, agent_started_at: datetime | None = None,
+        consume: bool = True,
+    ) -> float | None:
+        row = await self._fetch_fenced(
+            FINISH_BURST, *self._claim_args(claim), burst.id, status, error, parts_sent, prompt, reply,
+            agent_started_at, consume, *self._window_args(),
+        )
+        if row is None or not row["held"]:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+        return row["wait_seconds"]  # type: ignore[no-any-return]
 
-    async def _buffered(self, conn: asyncpg.Connection, claim: Claim) -> list[BufferedMessage]:
-        rows = await conn.fetch(BUFFERED_MESSAGES, claim.channel, claim.customer)
-        return [BufferedMessage(**dict(row)) for row in rows]
+    async def mark_sending(self, claim: Claim, burst: Burst, part: int, reply: RecordedReply | None = None) -> bool:
+        """Before part `part` goes to WATI: extend the lease, record the reply (if new), mark the part in flight.
 
-    async def _messages(self, conn: asyncpg.Connection, message_ids: Sequence[int]) -> list[BufferedMessage]:
-        rows = await conn.fetch(MESSAGES_BY_ID, list(message_ids))
-        return [BufferedMessage(**dict(row)) for row in rows]
-
-    async def record_reply(
-        self, claim: Claim, burst: Burst, prompt: str, reply: str, parts: int, agent_started_at: datetime
-    ) -> None:
-        """Keep the agent's reply before anything is sent, so a retry resends nothing the agent said twice."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(RECORD_REPLY, burst.id, prompt, reply, parts, agent_started_at)
-
-    async def mark_sending(self, claim: Claim, burst: Burst, part: int) -> None:
-        """Record that part `part` is about to go to WATI, extending the lease to cover the send."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(EXTEND_LEASE, claim.channel, claim.customer, self.settings.lease_seconds)
-            await conn.execute(MARK_SENDING, burst.id, part)
+        Returns False, marking nothing, when the customer's newest message is outside the session window.
+        """
+        row = await self._fetch_fenced(
+            MARK_SENDING, *self._claim_args(claim), self.settings.lease_seconds, burst.id, part,
+            self.settings.session_window_hours * 3600,
+            reply.prompt if reply else None, reply.text if reply else None, reply.parts if reply else None,
+            reply.agent_started_at if reply else None,
+        )
+        if row is None:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+        return bool(row["may_send"])
 
     async def mark_part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
-        """WATI accepted part `part`."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(MARK_PART_SENT, burst.id, part)
+        """WATI accepted part `part` (not the last one: `complete` records that)."""
+        if await self._fetch_fenced(MARK_PART_SENT, *self._claim_args(claim), burst.id, part) is None:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
 
     async def clear_sending(self, claim: Claim, burst: Burst) -> None:
         """WATI definitely did not accept the part in flight (refused before sending, or answered an error)."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(CLEAR_SENDING, burst.id)
+        if await self._fetch_fenced(CLEAR_SENDING, *self._claim_args(claim), burst.id) is None:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
 
     async def complete(
-        self, claim: Claim, burst: Burst, status: str, prompt: str | None = None,
-        agent_started_at: datetime | None = None,
+        self, claim: Claim, burst: Burst, status: str, *, parts_sent: int | None = None,
+        reply: RecordedReply | None = None,
     ) -> float | None:
-        """Finish the burst: consume its messages, release the claim, schedule the buffer. One transaction."""
-        async with self._fenced(claim) as conn:
-            return await self._close_burst(
-                conn, claim, burst.id, [message.id for message in burst.messages], status, None, prompt,
-                agent_started_at,
-            )
+        """Finish the burst (`sent` with its parts, or `no_reply`): consume its messages, release the claim,
+        schedule the buffer. One round trip."""
+        return await self._finish(
+            claim, burst, status, parts_sent=parts_sent, prompt=reply.prompt if reply else None,
+            agent_started_at=reply.agent_started_at if reply else None,
+        )
 
     async def give_up(self, claim: Claim, burst: Burst, status: str, error: str) -> float | None:
-        """Close the burst as `dead` or `attention` with the reason; its messages leave the buffer."""
-        async with self._fenced(claim) as conn:
-            return await self._close_burst(
-                conn, claim, burst.id, [message.id for message in burst.messages], status, error
-            )
+        """Close the burst as `dead`, `attention` or `expired` with the reason; its messages leave the buffer."""
+        return await self._finish(claim, burst, status, error=error)
 
     async def has_newer_messages(self, claim: Claim, burst: Burst) -> bool:
         """Whether messages not in `burst` are buffered for its conversation (they arrived after the claim)."""
@@ -630,32 +497,27 @@ class Repository:
             return bool(await conn.fetchval(NEWER_MESSAGES, claim.channel, claim.customer,
                                             [message.id for message in burst.messages]))
 
-    async def session_window_open(self, claim: Claim) -> bool:
-        """Whether the customer's newest message is inside WhatsApp's free-form session window."""
-        async with connection(self.pool, self.timeout) as conn:
-            return bool(await conn.fetchval(SESSION_WINDOW_OPEN, claim.channel, claim.customer,
-                                            self.settings.session_window_hours * 3600))
-
-    async def supersede(
-        self, claim: Claim, burst: Burst, prompt: str, reply: str, agent_started_at: datetime
-    ) -> float | None:
+    async def supersede(self, claim: Claim, burst: Burst, reply: RecordedReply) -> float | None:
         """Discard the unsent reply; the burst's messages stay buffered and join the next, larger burst."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(SUPERSEDE_BURST, burst.id, prompt, reply, agent_started_at)
-            return await self._release(conn, claim)
+        return await self._finish(
+            claim, burst, "superseded", consume=False, prompt=reply.prompt, reply=reply.text,
+            agent_started_at=reply.agent_started_at,
+            error="newer messages arrived before the reply was sent: the next burst answers them all",
+        )
 
     async def retry_later(self, claim: Claim, burst: Burst, error: str, delay: float) -> None:
         """Release the claim with the conversation due again in `delay` seconds; the burst keeps its state."""
-        async with self._fenced(claim) as conn:
-            await conn.execute(SCHEDULE_RETRY, burst.id, error)
-            await conn.execute(RELEASE_FOR_RETRY, claim.channel, claim.customer, delay, burst.attempts, error)
+        row = await self._fetch_fenced(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id, delay,
+                                       burst.attempts, error, 0)
+        if row is None:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
 
     async def hand_back(self, claim: Claim, burst: Burst | None) -> None:
         """Release a claim at shutdown so another worker takes it at once; the attempt does not count."""
-        async with self._fenced(claim) as conn:
-            if burst is not None:
-                await conn.execute(RETURN_BURST, burst.id)
-            await conn.execute(RELEASE_FOR_RETRY, claim.channel, claim.customer, 0.0, 0, None)
+        row = await self._fetch_fenced(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id if burst else None,
+                                       0.0, 0, None, 1)
+        if row is None:
+            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
 
     async def history(self, claim: Claim, burst: Burst, turns: int, chars: int) -> list[tuple[str, str]]:
         """Up to `turns` earlier (prompt, reply) pairs of the conversation, oldest first, within `chars` in all."""
