@@ -18,11 +18,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench import parts as benchmark_parts
 from bench import report
 from bench.harness import ROOT, Children, Cluster, fake_outside, loadavg, wrk_available
 
-PRELIMINARY_LOAD = 1.0  # 1-minute load average of the 2-core box before a part starts
+PRELIMINARY_LOAD = 1.0  # 1-minute load average of the 2-core box when the run starts
+PRELIMINARY_BUSY = 25.0  # % of all CPUs used by other work in the seconds before a part starts
 
 
 def _commit() -> str:
@@ -76,26 +79,36 @@ def main(argv: list[str] | None = None) -> int:
             with fake_outside(children) as fakes_url:
                 context = benchmark_parts.Context(cluster, children, scale, fakes_url, work)
                 for name in wanted:
-                    print(f"bench: {name} … (load average {loadavg()})", file=sys.stderr, flush=True)
+                    # The load average still holds our previous part; the CPU others use right now, while all
+                    # of ours idles, says whether the box is shared.
+                    others = psutil.cpu_percent(interval=1.0 if args.smoke else 3.0)
+                    print(f"bench: {name} … (load average {loadavg()}, CPU busy with other work {others:.0f} %)",
+                          file=sys.stderr, flush=True)
                     try:
                         results["parts"][name] = benchmark_parts.PARTS[name](context)
                     except Exception as error:  # one failed part must not lose the others' figures
                         traceback.print_exc()
                         results["parts"][name] = {"error": f"{type(error).__name__}: {error}",
                                                   "loadavg_start": loadavg()}
+                    results["parts"][name]["cpu_busy_before_percent"] = others
                     print(f"bench: {name} done in {time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
                 results["profiles"] = context.profiles
+                if context.profiles:  # raw collapsed stacks (flamegraph.pl / speedscope input), next to results
+                    for raw in work.glob("profile-*.txt"):
+                        (args.out / f"{stamp}-{raw.name}").write_text(raw.read_text())
         finally:
             children.stop_all()
             cluster.stop()
     results["memory"] = report.memory_summary(results["parts"])
     results["meta"]["loadavg_end"] = loadavg()
-    starts = [part.get("loadavg_start", [0])[0] for part in results["parts"].values()]
-    busy = max(starts + [results["meta"]["loadavg_start"][0]]) > PRELIMINARY_LOAD
+    others = [part.get("cpu_busy_before_percent", 0.0) for part in results["parts"].values()]
+    results["meta"]["cpu_busy_with_other_work_percent"] = others
+    busy = results["meta"]["loadavg_start"][0] > PRELIMINARY_LOAD or max(others, default=0.0) > PRELIMINARY_BUSY
     results["meta"]["preliminary"] = busy
     results["meta"]["note"] = (
-        "**Preliminary: the machine was busy with other work (1-min load > 1.0 before a part started).**"
-        if busy else "The machine was otherwise quiet (1-min load ≤ 1.0 before every part).")
+        f"CPU busy with other work just before each part: {', '.join(f'{value:.0f} %' for value in others)}. "
+        + ("**Preliminary: other work was using the machine (load > 1.0 at start, or > 25 % CPU before a "
+           "part).**" if busy else "The machine was otherwise quiet."))
     table = report.markdown(results)
     (args.out / f"{stamp}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (args.out / f"{stamp}.md").write_text(table)

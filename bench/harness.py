@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import socket
 import statistics
@@ -91,8 +92,14 @@ class Cluster:
         conf = self.embedded.pgdata / "postgresql.auto.conf"
         text = conf.read_text()
         if "pg_stat_statements" not in text:
+            # A Unix socket too (the embedded default is TCP only), for the what-if runs over a socket.
+            self.socket_dir.mkdir(exist_ok=True)
+            if self.embedded._user is not None:  # noqa: SLF001 - root runs the server as this system user
+                entry = pwd.getpwnam(self.embedded._user)  # noqa: SLF001
+                os.chown(self.socket_dir, entry.pw_uid, entry.pw_gid)
             conf.write_text(text + "shared_preload_libraries = 'pg_stat_statements'\n"
-                            "pg_stat_statements.track_utility = on\n")
+                            "pg_stat_statements.track_utility = on\n"
+                            f"unix_socket_directories = '{self.socket_dir}'\n")
         self.embedded.start()
         self.admin(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)", f"CREATE DATABASE {TEMPLATE}")
         db.upgrade(self.url(TEMPLATE))
@@ -102,8 +109,17 @@ class Cluster:
     def stop(self) -> None:
         self.embedded.stop("fast")
 
+    @property
+    def socket_dir(self) -> Path:
+        return self.embedded.data_dir / "socket"
+
     def url(self, database: str = "postgres") -> str:
         return self.embedded.url(database)
+
+    def socket_url(self, url: str) -> str:
+        """The same database reached over the Unix socket instead of TCP."""
+        database = url.rsplit("/", 1)[1]
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.embedded.port}"
 
     def admin(self, *statements: str) -> None:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
@@ -291,11 +307,20 @@ def serve_env(database_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-def start_serve(children: Children, name: str, workers: int, env: dict[str, str]) -> tuple[Child, str]:
-    """`watibot serve --workers N` on a free port, ready; returns the child and its base URL."""
+def start_serve(children: Children, name: str, workers: int, env: dict[str, str],
+                what_if: bool = False) -> tuple[Child, str]:
+    """`watibot serve --workers N` on a free port, ready; returns the child and its base URL.
+
+    `what_if`: the same app under the same uvicorn, through `bench.what_if` (pool without reset).
+    """
     port = free_port()
-    child = children.start(name, [sys.executable, "-m", "watibot", "serve", "--workers", str(workers),
-                                  "--port", str(port), "--no-migrate"], env)
+    if what_if:
+        argv = [sys.executable, "-m", "uvicorn", "bench.what_if:create_app", "--factory", "--workers", str(workers),
+                "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    else:
+        argv = [sys.executable, "-m", "watibot", "serve", "--workers", str(workers), "--port", str(port),
+                "--no-migrate"]
+    child = children.start(name, argv, env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/readyz", child)
     wait_until(lambda: len(child.workers()) >= workers, 30, what="uvicorn workers")

@@ -225,6 +225,11 @@ def ingest(context: Context) -> dict[str, Any]:
                "watibot_rss_load_mb": rss.peak_mb()}
         if workers == max(scale.ingest_workers):
             row["watibot_rate"] = loadgen(url, scale.rate_seconds, rate=scale.rate)
+            if not scale.smoke:
+                serve.stop()
+                row["what_if"] = _ingest_what_ifs(context, database, workers)
+                serve, url = start_serve(context.children, f"serve-ingest-{workers}w-again", workers,
+                                         serve_env(database, WATIBOT_SWEEPER="false"))
             if scale.profile:
                 profiler = Profiler(context, f"ingest-{workers}w-worker", serve.workers()[0].pid)
                 closed_load(context, url, 6)
@@ -244,6 +249,26 @@ def ingest(context: Context) -> dict[str, Any]:
         row["ratio"] = round(row["watibot"]["rps"] / row["bare"]["rps"], 3)
         result["throughput"].append(row)
     return _stamp(result, started)
+
+
+def _ingest_what_ifs(context: Context, database: str, workers: int) -> dict[str, Any]:
+    """The recommended changes applied from outside (bench/what_if.py, a DSN): throughput and 500/s latency."""
+    scale = context.scale
+    variants = {
+        "unix_socket": (False, context.cluster.socket_url(database)),
+        "pool_without_reset": (True, database),
+        "unix_socket_and_pool_without_reset": (True, context.cluster.socket_url(database)),
+    }
+    results = {}
+    for name, (what_if, url) in variants.items():
+        serve, base = start_serve(context.children, f"serve-ingest-{name}", workers,
+                                  serve_env(url, WATIBOT_SWEEPER="false"), what_if=what_if)
+        closed_load(context, base, 1)
+        measured = closed_load(context, base, scale.ingest_seconds)
+        measured["rate"] = loadgen(base, scale.rate_seconds, rate=scale.rate)
+        results[name] = measured
+        serve.stop()
+    return results
 
 
 # -- 2. drain -----------------------------------------------------------------------------------------------------
@@ -299,7 +324,7 @@ def _statements(database: str, bursts: int) -> dict[str, Any]:
         "statements_per_burst": round(calls / bursts, 1) if bursts else None,
         "exec_ms_per_burst": round(sum(row[1] for row in rows) / bursts, 3) if bursts else None,
         "top": [{"calls": row[0], "total_ms": round(row[1], 1), "mean_ms": round(row[2], 3), "query": row[3]}
-                for row in rows[:10]],
+                for row in rows[:25]],
     }
 
 
@@ -339,6 +364,28 @@ def _pgqueuer(context: Context, database: str, mode: str, jobs: int, processes: 
             "db_cpu_ms_per_job": round(1000 * database_cpu / done, 3)}
 
 
+def _drain_once(context: Context, database: str, workers: int, prefix: str, what_if: bool) -> dict[str, Any]:
+    """One more drain of the same size on the same database, through bench/what_if.py over the Unix socket."""
+    scale = context.scale
+    url = context.cluster.socket_url(database) if what_if else database
+    serve, _ = start_serve(context.children, f"serve-drain-{prefix}", workers, serve_env(
+        url, WATIBOT_WATI_API_URL=f"{context.fakes_url}/1234", WATIBOT_CONCURRENCY="100",
+        WATIBOT_CLAIM_BATCH="100"), what_if=what_if)
+    sql(database, "SELECT pg_stat_statements_reset()")
+    app_cpu, db_cpu = CpuMeter(serve.workers), CpuMeter(context.cluster.server_processes)
+    app_cpu.start()
+    db_cpu.start()
+    insert_due(database, prefix, scale.drain_conversations, scale.drain_messages)
+    wait_until(lambda: _finished(database, prefix) >= scale.drain_conversations, 180, 0.2, "drain what-if")
+    app_seconds, db_seconds = app_cpu.stop(), db_cpu.stop()
+    result = _burst_rate(database, prefix)
+    result["app_cpu_ms_per_burst"] = round(1000 * app_seconds / result["bursts"], 3)
+    result["db_cpu_ms_per_burst"] = round(1000 * db_seconds / result["bursts"], 3)
+    result["statements"] = _statements(database, result["bursts"])
+    serve.stop()
+    return result
+
+
 def drain(context: Context) -> dict[str, Any]:
     """M due conversations × K messages through echo agent + fake WATI, vs pgqueuer with the same WATI call."""
     started, scale = time.monotonic(), context.scale
@@ -371,6 +418,8 @@ def drain(context: Context) -> dict[str, Any]:
         run["watibot"]["statements"] = _statements(database, bursts)
         run["errors_logged"] = serve.count_in_log("ERROR")
         serve.stop()
+        if workers == max(scale.drain_workers) and not scale.smoke:
+            run["what_if_socket_no_reset"] = _drain_once(context, database, workers, f"x{workers}w", what_if=True)
         if importlib.util.find_spec("pgqueuer") is None:
             run["skipped"] = "pgqueuer baseline: pgqueuer not installed (pip install -e '.[bench]')"
         else:
@@ -384,18 +433,15 @@ def drain(context: Context) -> dict[str, Any]:
 
 # -- 3. slow agent ------------------------------------------------------------------------------------------------
 
-def slow_agent(context: Context) -> dict[str, Any]:
-    """An http agent answering after 2 s: bursts in flight and bursts/s with 4 workers."""
-    started, scale = time.monotonic(), context.scale
-    result: dict[str, Any] = {"loadavg_start": loadavg(), "workers": scale.slow_workers,
-                              "concurrency_per_worker": scale.slow_concurrency, "agent_delay_s": scale.slow_delay,
-                              "conversations": scale.slow_conversations}
+def _slow_run(context: Context, label: str, agent_env: dict[str, str]) -> dict[str, Any]:
+    scale = context.scale
     _configure_fakes(context, scale.slow_delay)
     database = context.cluster.fresh_database("slow")
-    serve, _ = start_serve(context.children, "serve-slow", scale.slow_workers, serve_env(
-        database, WATIBOT_WATI_API_URL=f"{context.fakes_url}/1234", WATIBOT_AGENT="http",
-        WATIBOT_AGENT_URL=f"{context.fakes_url}/agent", WATIBOT_CONCURRENCY=str(scale.slow_concurrency)))
-    profiler = Profiler(context, "slow-agent-worker", serve.workers()[0].pid) if scale.profile else None
+    serve, _ = start_serve(context.children, f"serve-slow-{label}", scale.slow_workers, serve_env(
+        database, WATIBOT_WATI_API_URL=f"{context.fakes_url}/1234", WATIBOT_CONCURRENCY=str(scale.slow_concurrency),
+        **agent_env))
+    profiler = Profiler(context, f"slow-agent-{label}-worker", serve.workers()[0].pid) if scale.profile else None
+    result: dict[str, Any] = {"agent_client": label}
     with RssSampler(serve.workers) as rss:
         insert_due(database, "s", scale.slow_conversations, 1)
         try:
@@ -413,13 +459,36 @@ def slow_agent(context: Context) -> dict[str, Any]:
     result["not_sent"] = scale.slow_conversations - result["watibot"]["sent"]
     result["errors_logged"] = serve.count_in_log("ERROR")
     result["warnings_logged"] = serve.count_in_log("WARNING")
-    result["log_excerpt"] = [line for line in serve.log_tail(400).splitlines() if "WARNING" in line or "ERROR" in line][:5]
+    result["log_excerpt"] = [line[:300] for line in serve.log_tail(400).splitlines()
+                             if "WARNING" in line or "ERROR" in line][:5]
     result["rss_load_mb"] = rss.peak_mb()
-    capacity = min(scale.slow_conversations, scale.slow_workers * scale.slow_concurrency)
-    result["ideal_bursts_per_second"] = round(capacity / scale.slow_delay, 1)
     serve.stop()
     context.cluster.drop(database)
     _configure_fakes(context, 0.0)
+    return result
+
+
+def slow_agent(context: Context) -> dict[str, Any]:
+    """An http agent answering after 2 s: bursts in flight and bursts/s with 4 workers.
+
+    The measured figure uses watibot's own `http` agent (httpx). A what-if run (full runs only) calls the same
+    agent through aiohttp via the `package.module:function` extension point, to show what the HTTP client costs.
+    """
+    started, scale = time.monotonic(), context.scale
+    result: dict[str, Any] = {"loadavg_start": loadavg(), "workers": scale.slow_workers,
+                              "concurrency_per_worker": scale.slow_concurrency, "agent_delay_s": scale.slow_delay,
+                              "conversations": scale.slow_conversations}
+    capacity = min(scale.slow_conversations, scale.slow_workers * scale.slow_concurrency)
+    result["ideal_bursts_per_second"] = round(capacity / scale.slow_delay, 1)
+    http_agent = {"WATIBOT_AGENT": "http", "WATIBOT_AGENT_URL": f"{context.fakes_url}/agent"}
+    result.update(_slow_run(context, "httpx", http_agent))
+    if not scale.smoke:
+        # What-ifs: a pool big enough for the bursts in flight (configuration only), then also the agent called
+        # through aiohttp (the `package.module:function` extension point) instead of httpx.
+        pool = {"WATIBOT_DB_POOL_SIZE": "60"}
+        result["what_if_pool_60"] = _slow_run(context, "httpx-pool60", http_agent | pool)
+        result["what_if_pool_60_aiohttp_agent"] = _slow_run(context, "aiohttp-pool60", pool | {
+            "WATIBOT_AGENT": "bench.agents:aiohttp_agent", "BENCH_AGENT_URL": f"{context.fakes_url}/agent"})
     return _stamp(result, started)
 
 

@@ -48,6 +48,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                               f"{bare_rate['p50_ms']} / {bare_rate['p95_ms']} / {bare_rate['p99_ms']}",
                               _ratio(rate["p99_ms"], bare_rate["p99_ms"]), "p99 ≤ 25 ms",
                               _met(rate["p99_ms"] is not None and rate["p99_ms"] <= 25 and rate["errors"] == 0)))
+            for name, what_if in row.get("what_if", {}).items():
+                label = name.replace("_", " ")
+                table.append((f"What-if (not in src): ingest {workers} worker(s), {label}: req/s; p99 at "
+                              f"{results['scale']['rate']:.0f}/s", f"{_number(what_if['rps'])}; "
+                              f"{what_if['rate']['p99_ms']} ms", f"bare FastAPI {_number(bare['rps'])}",
+                              _ratio(what_if["rps"], bare["rps"]), "≥ 0.60×; ≤ 25 ms", "–"))
     drain = parts.get("drain")
     if drain and "runs" in drain:
         for run in drain["runs"]:
@@ -75,6 +81,16 @@ def rows(results: dict[str, Any]) -> list[Row]:
                           f"WATI job {_number(wati['db_cpu_ms_per_job'], digits=2)}; no-op job "
                           f"{_number(noop['db_cpu_ms_per_job'], digits=2)}",
                           _ratio(ours["db_cpu_ms_per_burst"], wati["db_cpu_ms_per_job"]), "", "–"))
+        for run in drain["runs"]:
+            what_if = run.get("what_if_socket_no_reset")
+            if what_if and "pgqueuer_wati" in run:
+                table.append((f"What-if (not in src): drain {run['workers']} worker(s), Unix socket + pool without "
+                              f"reset: bursts/s; DB CPU ms and statements per burst",
+                              f"{_number(what_if['bursts_per_second'])}; {what_if['db_cpu_ms_per_burst']:.2f} ms; "
+                              f"{what_if['statements']['statements_per_burst']}",
+                              f"pgqueuer + WATI call {_number(run['pgqueuer_wati']['jobs_per_second'])}",
+                              _ratio(what_if["bursts_per_second"], run["pgqueuer_wati"]["jobs_per_second"]),
+                              "≥ 1.0×", "–"))
     slow = parts.get("slow_agent")
     if slow and "watibot" in slow:
         capacity = slow["workers"] * slow["concurrency_per_worker"]
@@ -88,6 +104,16 @@ def rows(results: dict[str, Any]) -> list[Row]:
                       f"ideal {_number(slow['ideal_bursts_per_second'])}",
                       _ratio(slow["watibot"]["bursts_per_second"], slow["ideal_bursts_per_second"]), "≥ 400",
                       _met((slow["watibot"]["bursts_per_second"] or 0) >= 400 and slow["not_sent"] == 0)))
+        for key, label in (("what_if_pool_60", "pool 60/worker"),
+                           ("what_if_pool_60_aiohttp_agent", "pool 60/worker + agent via aiohttp")):
+            what_if = slow.get(key)
+            if what_if:
+                table.append((f"What-if (config/extension point): slow agent, {label}: peak in flight; bursts/s; "
+                              "not sent", f"{_number(what_if['agent_peak_in_flight'])}; "
+                              f"{_number(what_if['watibot']['bursts_per_second'])}; {what_if['not_sent']}",
+                              f"ideal {_number(slow['ideal_bursts_per_second'])} bursts/s",
+                              _ratio(what_if["watibot"]["bursts_per_second"], slow["ideal_bursts_per_second"]),
+                              "≥ 1,000; ≥ 400", "–"))
     timer = parts.get("timer")
     if timer and "idle" in timer:
         for key, limit in (("idle", 100), ("load", 250)):
