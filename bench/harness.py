@@ -94,8 +94,8 @@ class Cluster:
         if "pg_stat_statements" not in text:
             # A Unix socket too (the embedded default is TCP only), for the what-if runs over a socket.
             self.socket_dir.mkdir(exist_ok=True)
-            if self.embedded._user is not None:  # noqa: SLF001 - root runs the server as this system user
-                entry = pwd.getpwnam(self.embedded._user)  # noqa: SLF001
+            if self.embedded._user is not None:
+                entry = pwd.getpwnam(self.embedded._user)
                 os.chown(self.socket_dir, entry.pw_uid, entry.pw_gid)
             conf.write_text(text + "shared_preload_libraries = 'pg_stat_statements'\n"
                             "pg_stat_statements.track_utility = on\n"

@@ -32,7 +32,6 @@ from bench.harness import (
     CpuMeter,
     RssSampler,
     loadavg,
-    percentile,
     serve_env,
     sql,
     start_bare,

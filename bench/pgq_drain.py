@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import asyncpg
-from pgqueuer import AsyncpgDriver, Job, QueueManager, Queries
+from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.types import QueueExecutionMode
 
 from watibot.clients import WatiClient, http_client

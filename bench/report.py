@@ -215,7 +215,8 @@ def chart(results: dict[str, Any], path: Path) -> bool:
             "watibot": [run["watibot"]["bursts_per_second"] for run in runs],
             "pgqueuer + WATI call": [run["pgqueuer_wati"]["jobs_per_second"] for run in runs],
             "pgqueuer no-op": [run["pgqueuer_noop"]["jobs_per_second"] for run in runs],
-        }, "Drain", "bursts (jobs)/s")
+        }, "Drain (log scale)", "bursts (jobs)/s")
+        axes[0][1].set_yscale("log")
     slow = parts.get("slow_agent", {})
     if "watibot" in slow:
         bars(axes[0][2], ["peak in flight", "bursts/s"], {

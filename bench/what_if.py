@@ -25,7 +25,7 @@ async def create_pool_without_reset(settings: Settings, url: str) -> asyncpg.Poo
     """`watibot.db.create_pool`, the same settings, plus `reset=` a no-op."""
     pool = asyncpg.create_pool(
         url, min_size=0, max_size=settings.db_pool_size, timeout=settings.db_timeout_seconds,
-        command_timeout=settings.db_timeout_seconds, init=db._init_connection,  # noqa: SLF001
+        command_timeout=settings.db_timeout_seconds, init=db._init_connection,
         server_settings={"application_name": "watibot"}, reset=_keep_session,
     )
     await pool

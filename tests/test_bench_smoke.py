@@ -1,4 +1,4 @@
-"""The benchmark harness keeps working: `python -m bench --smoke` runs end to end in seconds (no thresholds)."""
+"""The benchmark harness keeps working: `python -m bench --smoke` runs end to end in seconds."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_bench_smoke_runs_every_part_and_writes_json_and_markdown(tmp_path: Path
     for name in ("ingest", "drain", "slow_agent", "timer", "history"):
         assert "error" not in results["parts"][name], results["parts"][name]
     assert results["parts"]["ingest"]["throughput"][0]["watibot"]["rps"] > 0
-    assert results["parts"]["drain"]["runs"][0]["watibot"]["bursts"] == results["scale"]["drain_conversations"]
+    drained = results["parts"]["drain"]["runs"][0]["watibot"]["bursts"]
+    assert drained == results["scale"]["drain_conversations"]
     assert results["parts"]["slow_agent"]["not_sent"] == 0
     assert results["parts"]["history"]["levels"][-1]["claim_uses_due_index"]
     table = (tmp_path / results_file.name.replace(".json", ".md")).read_text()
