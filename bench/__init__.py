@@ -1,0 +1,1 @@
+"""Benchmarks for watibot: `python -m bench` (see README, Performance)."""
