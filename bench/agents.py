@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from watibot.clients import AgentError, AgentRequest
+from watibot.agents import AgentError, AgentRequest
 
 _session: aiohttp.ClientSession | None = None
 
