@@ -1,7 +1,7 @@
 """The drain baseline: pgqueuer consuming pre-enqueued jobs on the same database, as its own process.
 
 `--mode wati`: each job makes the same WATI call as a burst, through watibot's own `WatiClient` and
-`http_client` (httpx, the same limits). `--mode noop`: jobs do nothing, to show the coordination cost alone.
+`wati_session` (aiohttp, the same limits). `--mode noop`: jobs do nothing, to show the coordination cost alone.
 `--enqueue N` (once, before consumers start) installs pgqueuer's schema and enqueues N jobs.
 Prints one JSON line: first job start, last job end (wall clock), jobs done and this process's CPU seconds.
 """
@@ -18,7 +18,7 @@ import asyncpg
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.types import QueueExecutionMode
 
-from watibot.clients import WatiClient, http_client
+from watibot.clients import WatiClient, wati_session
 from watibot.settings import Settings
 
 
@@ -41,7 +41,7 @@ async def consume(dsn: str, mode: str, batch: int, concurrency: int, wati_url: s
     first: list[float] = []
     last = 0.0
     done = 0
-    client = http_client(15.0, concurrency)
+    client = wati_session(15.0, concurrency)
     settings = Settings(_env_file=None, wati_api_url=wati_url, wati_api_token="bench-token")  # type: ignore[call-arg]
     wati = WatiClient(settings, client)
     cpu_at_first = 0.0
@@ -62,7 +62,7 @@ async def consume(dsn: str, mode: str, batch: int, concurrency: int, wati_url: s
         await manager.run(batch_size=batch, mode=QueueExecutionMode.drain,
                           max_concurrent_tasks=max(concurrency, 2 * batch))
     finally:
-        await client.aclose()
+        await client.close()
         await conn.close()
     return {"first": first[0] if first else None, "last": last, "done": done,
             "cpu_seconds": round(time.process_time() - cpu_at_first, 3)}

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from watibot import db
 from watibot.agents import build_agent
-from watibot.clients import agent_http_client, http_client
+from watibot.clients import agent_http_client, wati_session
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging, set_worker
 from watibot.metrics import TimedWatiClient
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
         pool = await db.create_pool(active, url)
         outbound = agent_http_client(active.agent_timeout_seconds, active.concurrency)
-        wati_http = http_client(active.wati_timeout_seconds, active.concurrency)
+        wati_http = wati_session(active.wati_timeout_seconds, active.concurrency)
         repository = Repository(pool, active)
         app.state.settings = active
         app.state.repository = repository
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if app.state.sweeper is not None:
                 await app.state.sweeper.stop()
             await outbound.aclose()
-            await wati_http.aclose()
+            await wati_http.close()
             await pool.close()
 
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)

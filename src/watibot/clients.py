@@ -9,9 +9,11 @@ Every failure is classified where it happens, because the pipeline's choices han
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -21,16 +23,18 @@ WATI_MAX_TEXT = 4096
 TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 
-def http_client(timeout: float, limit: int) -> httpx.AsyncClient:
-    """The client for WATI sends: httpx's own transport, whose errors say exactly how far a request got.
+def wati_session(timeout: float, limit: int) -> aiohttp.ClientSession:
+    """The HTTP session for WATI sends (create it inside the running event loop).
 
-    (The aiohttp transport maps a server disconnect after the request left to `ConnectTimeout`, which would
-    read as "not sent" and be retried: a possible second reply.)
+    aiohttp directly, not httpx: httpcore scans its whole pool for every request, which dominated workers
+    sending hundreds of replies at once (bench: half a worker's samples), and the httpx-aiohttp mapping turns
+    a server disconnect after the request left into `ConnectTimeout` ("not sent"). Here `WatiClient` tells the
+    connect phase from the rest itself.
     """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-        follow_redirects=False,
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+        connector=aiohttp.TCPConnector(limit=limit),
+        raise_for_status=False,
     )
 
 
@@ -87,34 +91,42 @@ def describe_status(response: httpx.Response) -> str:
 class WatiClient:
     """Sends session messages through WATI's v1 API."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.base_url = settings.wati_api_url.rstrip("/") if settings.wati_api_url else None
         self.token = settings.wati_api_token.get_secret_value()
-        self.client = client
+        self.session = session
 
     async def send_text(self, wa_id: str, text: str, local_message_id: str) -> None:
-        """Send one text message (at most 4096 characters); raises `SendRejected` or `SendUnknown`."""
+        """Send one text message (at most 4096 characters); raises `SendRejected` or `SendUnknown`.
+
+        Only a failure to connect means "not sent". A timeout or broken connection once connected means the
+        request may have reached WATI: unknown, never retried automatically.
+        """
         if self.base_url is None:
             raise SendRejected("WATIBOT_WATI_API_URL is not set: reply not sent", permanent=True)
         url = f"{self.base_url}/api/v1/sendSessionMessage/{wa_id}"
         try:
-            response = await self.client.post(
+            async with self.session.post(
                 url,
                 params={"messageText": text, "localMessageId": local_message_id},
                 headers={"Authorization": f"Bearer {self.token}"},
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+            ) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        await response.read()  # lets the connection be reused; the send is accepted either way
+                    return
+                body = await response.text(errors="replace")
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise SendRejected(f"WATI not reachable: {type(error).__name__}", permanent=False) from None
-        except httpx.TransportError as error:
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise SendUnknown(f"WATI send outcome unknown: {type(error).__name__}") from None
-        if response.is_success:
-            return
-        status = response.status_code
+        snippet = body[:200].replace("\n", " ")
         transient = status >= 500 or status in TRANSIENT_STATUS
         raise SendRejected(
-            f"WATI answered {describe_status(response)}",
-            permanent=not transient,
-            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+            f"WATI answered HTTP {status}" + (f": {snippet}" if snippet else ""),
+            permanent=not transient, retry_after=retry_after,
         )
 
 
