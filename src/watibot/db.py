@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,8 +167,3 @@ def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
-
-
-def environment_with_url(url: str) -> dict[str, str]:
-    """The process environment with `WATIBOT_DATABASE_URL` set, for child processes."""
-    return {**os.environ, "WATIBOT_DATABASE_URL": url}

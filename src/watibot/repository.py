@@ -314,6 +314,11 @@ def _timestamp(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _lost(claim: Claim) -> LeaseLost:
+    """The error for a write refused because `claim`'s fence no longer matches."""
+    return LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+
+
 def _seconds(value: Any) -> float | None:
     return None if value is None else float(value.total_seconds())
 
@@ -398,7 +403,7 @@ class Repository:
 
     # -- bursts --
 
-    async def _fetch_fenced(self, query: str, *args: Any) -> asyncpg.Record | None:
+    async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         async with connection(self.pool, self.timeout) as conn:
             return await conn.fetchrow(query, *args)
 
@@ -418,13 +423,13 @@ class Repository:
         operator took over waits for the pause to end; messages the operator answered are closed as `human`.
         """
         s = self.settings
-        row = await self._fetch_fenced(
+        row = await self._fetchrow(
             BEGIN_BURST, *self._claim_args(claim), claim.was_due_at, s.max_attempts, s.human_answered == "skip",
             *self._window_args(),
         )
         assert row is not None
         if row["outcome"] == "lost":
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            raise _lost(claim)
         if row["outcome"] != "run":
             return Closed(row["outcome"], row["wait_seconds"])
         messages = [
@@ -443,12 +448,12 @@ class Repository:
         prompt: str | None = None, reply: str | None = None, agent_started_at: datetime | None = None,
         consume: bool = True,
     ) -> float | None:
-        row = await self._fetch_fenced(
+        row = await self._fetchrow(
             FINISH_BURST, *self._claim_args(claim), burst.id, status, error, parts_sent, prompt, reply,
             agent_started_at, consume, *self._window_args(),
         )
         if row is None or not row["held"]:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            raise _lost(claim)
         return row["wait_seconds"]  # type: ignore[no-any-return]
 
     async def mark_sending(self, claim: Claim, burst: Burst, part: int, reply: RecordedReply | None = None) -> bool:
@@ -456,25 +461,25 @@ class Repository:
 
         Returns False, marking nothing, when the customer's newest message is outside the session window.
         """
-        row = await self._fetch_fenced(
+        row = await self._fetchrow(
             MARK_SENDING, *self._claim_args(claim), self.settings.lease_seconds, burst.id, part,
             self.settings.session_window_hours * 3600,
             reply.prompt if reply else None, reply.text if reply else None, reply.parts if reply else None,
             reply.agent_started_at if reply else None,
         )
         if row is None:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            raise _lost(claim)
         return bool(row["may_send"])
 
     async def mark_part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
         """WATI accepted part `part` (not the last one: `complete` records that)."""
-        if await self._fetch_fenced(MARK_PART_SENT, *self._claim_args(claim), burst.id, part) is None:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+        if await self._fetchrow(MARK_PART_SENT, *self._claim_args(claim), burst.id, part) is None:
+            raise _lost(claim)
 
     async def clear_sending(self, claim: Claim, burst: Burst) -> None:
         """WATI definitely did not accept the part in flight (refused before sending, or answered an error)."""
-        if await self._fetch_fenced(CLEAR_SENDING, *self._claim_args(claim), burst.id) is None:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+        if await self._fetchrow(CLEAR_SENDING, *self._claim_args(claim), burst.id) is None:
+            raise _lost(claim)
 
     async def complete(
         self, claim: Claim, burst: Burst, status: str, *, parts_sent: int | None = None,
@@ -507,17 +512,17 @@ class Repository:
 
     async def retry_later(self, claim: Claim, burst: Burst, error: str, delay: float) -> None:
         """Release the claim with the conversation due again in `delay` seconds; the burst keeps its state."""
-        row = await self._fetch_fenced(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id, delay,
+        row = await self._fetchrow(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id, delay,
                                        burst.attempts, error, 0)
         if row is None:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            raise _lost(claim)
 
     async def hand_back(self, claim: Claim, burst: Burst | None) -> None:
         """Release a claim at shutdown so another worker takes it at once; the attempt does not count."""
-        row = await self._fetch_fenced(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id if burst else None,
+        row = await self._fetchrow(RELEASE_FOR_LATER, *self._claim_args(claim), burst.id if burst else None,
                                        0.0, 0, None, 1)
         if row is None:
-            raise LeaseLost(f"conversation {claim.channel}/{claim.customer} fence {claim.fence}")
+            raise _lost(claim)
 
     async def history(self, claim: Claim, burst: Burst, turns: int, chars: int) -> list[tuple[str, str]]:
         """Up to `turns` earlier (prompt, reply) pairs of the conversation, oldest first, within `chars` in all."""
