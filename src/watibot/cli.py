@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dead = commands.add_parser("dead", help="bursts that need a human, with reasons",
                                description="List dead bursts (gave up after retries or a permanent error) and "
-                               "attention bursts (a send whose outcome is unknown), oldest first.")
+                               "attention bursts (a send whose outcome is unknown, or a delivery WhatsApp "
+                               "reported failed), oldest first.")
     dead.add_argument("--limit", type=_positive, default=100, help="at most this many (default 100)")
     dead.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     dead.set_defaults(handler=cmd_dead)

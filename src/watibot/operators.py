@@ -78,7 +78,7 @@ def render_status(out: Console, data: dict[str, Any]) -> None:
         ("buffered messages", data["buffered_messages"], "messages not yet answered"),
         ("paused", data["paused"], "conversations where a human operator took over (bot silent)"),
         ("dead", data["dead_bursts"], "bursts that gave up (watibot dead, watibot replay)"),
-        ("attention", data["attention_bursts"], "bursts whose send outcome is unknown: a human decides"),
+        ("attention", data["attention_bursts"], "send outcome unknown or delivery failed: a human decides"),
         ("bursts last hour", data["bursts_last_hour"], "bursts finished in the last hour"),
         ("last burst", _time(data["last_burst_finished_at"]), "when the latest burst finished"),
         ("schema", data["schema_revision"], "database migration revision"),
