@@ -40,7 +40,7 @@ from bench.harness import (
     wait_until,
     wrk_available,
 )
-from watibot.repository import BEGIN_BURST, CLAIM_DUE
+from watibot.repository import BEGIN_BURSTS, CLAIM_DUE
 
 
 @dataclass
@@ -613,7 +613,7 @@ async def _add_history(conn: asyncpg.Connection, low: int, high: int, payload: s
 
 
 async def _measure_claim(conn: asyncpg.Connection, iterations: int) -> dict[str, Any]:
-    """CLAIM_DUE (batch 50) then BEGIN_BURST (watibot.begin_burst) for one claimed conversation, rolled back."""
+    """CLAIM_DUE (batch 50) then BEGIN_BURSTS (watibot.begin_burst) for one claimed conversation, rolled back."""
     claim_times, buffered_times = [], []
     for _ in range(iterations):
         transaction = conn.transaction()
@@ -622,8 +622,8 @@ async def _measure_claim(conn: asyncpg.Connection, iterations: int) -> dict[str,
             began = time.perf_counter()
             rows = await conn.fetch(CLAIM_DUE, 50, "bench:1:claim", 30.0)
             claimed = time.perf_counter()
-            await conn.fetch(BEGIN_BURST, rows[0]["channel"], rows[0]["customer"], rows[0]["fence"], "bench:1:claim",
-                             rows[0]["was_due_at"], 5, True, "fixed", 65.0, 300.0)
+            await conn.fetch(BEGIN_BURSTS, [rows[0]["channel"]], [rows[0]["customer"]], [rows[0]["fence"]],
+                             ["bench:1:claim"], [rows[0]["was_due_at"]], 5, True, "fixed", 65.0, 300.0)
             buffered = time.perf_counter()
         finally:
             await transaction.rollback()

@@ -21,7 +21,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0004_burst_functions"
+SCHEMA_REVISION = "0005_batched_steps"
 
 
 class DatabaseUnavailable(Exception):

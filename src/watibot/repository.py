@@ -8,40 +8,64 @@ first: a worker whose claim was taken over gets `LeaseLost` and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
-from watibot.db import LeaseLost, connection, translate_errors
+from watibot.batching import Batcher
+from watibot.db import DatabaseUnavailable, LeaseLost, connection, translate_errors
 from watibot.payload import CustomerMessage, DeliveryUpdate, OperatorMessage
 from watibot.settings import Settings
 
 # -- ingest ---------------------------------------------------------------------------------------------------
 
-# One statement, one round trip: store the message (once) and push its conversation's timer.
-# The conversation upsert selects FROM new_message, so a duplicate delivery touches nothing.
-# While a conversation is claimed its due_at is the lease expiry; the buffer is then scheduled by completion.
-INGEST_MESSAGE = """
-WITH new_message AS (
+# One statement, one round trip, one commit for a batch of webhooks (see batching.py): store each message (once)
+# and push its conversation's timer. The conversation upsert selects FROM new_message, so a duplicate delivery
+# touches nothing. While a conversation is claimed its due_at is the lease expiry; the buffer is then scheduled
+# by completion. Rows are locked in one fixed order (messages by id, conversations by key, byte order) so that
+# concurrent batches, and the burst steps that lock conversations in the same order, never deadlock.
+# The caller passes each whatsappMessageId at most once per batch.
+INGEST_MESSAGES = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[])
+        WITH ORDINALITY AS i(channel, customer, provider_message_id, wati_id, type, text, wati_timestamp,
+                             payload, wa_id, arrived_at, position)
+), new_message AS (
     INSERT INTO watibot.message
         (channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload, received_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, COALESCE($13::timestamptz, now()))
+    SELECT channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload::jsonb,
+           COALESCE(arrived_at, now())
+    FROM input
+    ORDER BY provider_message_id COLLATE "C"
     ON CONFLICT (provider_message_id) DO NOTHING
-    RETURNING id, received_at
+    RETURNING id, channel, customer, provider_message_id, received_at
+), arrived AS (
+    SELECT m.channel, m.customer, min(m.received_at) AS first_at, max(m.received_at) AS last_at,
+           (array_agg(i.wa_id ORDER BY i.position DESC) FILTER (WHERE i.wa_id IS NOT NULL))[1] AS wa_id
+    FROM new_message AS m JOIN input AS i USING (provider_message_id)
+    GROUP BY m.channel, m.customer
 ), pushed AS (
     INSERT INTO watibot.conversation AS c (channel, customer, wa_id, due_at, buffer_started_at)
-    SELECT $1, $2, $9, received_at + make_interval(secs => $10), received_at FROM new_message
+    SELECT channel, customer, wa_id,
+           CASE WHEN $12 = 'sliding' THEN LEAST(last_at + make_interval(secs => $11),
+                                                first_at + make_interval(secs => $13))
+                ELSE first_at + make_interval(secs => $11) END,
+           first_at
+    FROM arrived
+    ORDER BY channel COLLATE "C", customer COLLATE "C"
     ON CONFLICT (channel, customer) DO UPDATE SET
         wa_id = COALESCE(EXCLUDED.wa_id, c.wa_id),
         due_at = CASE
             WHEN c.claimed_by IS NOT NULL THEN c.due_at
             WHEN c.due_at IS NULL THEN EXCLUDED.due_at
             -- sliding: later with each message, never past first + max, never earlier than already set
-            WHEN $11 = 'sliding' THEN GREATEST(c.due_at,
-                LEAST(EXCLUDED.due_at, c.buffer_started_at + make_interval(secs => $12)))
+            WHEN $12 = 'sliding' THEN GREATEST(c.due_at,
+                LEAST(EXCLUDED.due_at, c.buffer_started_at + make_interval(secs => $13)))
             ELSE c.due_at
         END,
         buffer_started_at = CASE
@@ -49,12 +73,13 @@ WITH new_message AS (
             ELSE c.buffer_started_at
         END,
         updated_at = EXCLUDED.updated_at
-    RETURNING c.due_at
+    RETURNING c.channel, c.customer, c.due_at
 )
 SELECT new_message.id AS message_id, new_message.received_at, pushed.due_at
-FROM (SELECT 1) AS one
-LEFT JOIN new_message ON true
-LEFT JOIN pushed ON true
+FROM input
+LEFT JOIN new_message USING (provider_message_id)
+LEFT JOIN pushed ON pushed.channel = input.channel AND pushed.customer = input.customer
+ORDER BY input.position
 """
 
 # An operator wrote to the customer: pause the bot for the conversation. A conversation that is buffering is
@@ -125,42 +150,58 @@ NEXT_DUE = """
 SELECT (SELECT min(due_at) FROM watibot.conversation WHERE due_at IS NOT NULL) - now() AS wait
 """
 
+# Conversation rows are locked in the order the caller gives (sorted by key, as every batch of burst steps is).
 HEARTBEAT = """
+WITH held AS (
+    SELECT c.channel, c.customer
+    FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS h(channel, customer, fence, position)
+    JOIN watibot.conversation AS c
+        ON c.channel = h.channel AND c.customer = h.customer AND c.fence = h.fence AND c.claimed_by = $5
+    ORDER BY h.position
+    FOR UPDATE OF c
+)
 UPDATE watibot.conversation AS c SET
     lease_expires_at = now() + make_interval(secs => $4),
     due_at = now() + make_interval(secs => $4)
-FROM unnest($1::text[], $2::text[], $3::bigint[]) AS held(channel, customer, fence)
-WHERE c.channel = held.channel AND c.customer = held.customer AND c.fence = held.fence AND c.claimed_by = $5
+FROM held
+WHERE c.channel = held.channel AND c.customer = held.customer
 RETURNING c.channel, c.customer
 """
 
-# The burst steps. Each is one round trip: a statement whose fence check is part of it, or a function
-# (migration 0004) that locks the conversation row first and then reads the buffer with a fresh snapshot.
-BEGIN_BURST = "SELECT * FROM watibot.begin_burst($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# The burst steps, for a batch of bursts (see batching.py): one statement calls the step's function (migrations
+# 0004, 0005) once per burst, in the order given — sorted by conversation key, so batches and the heartbeat lock
+# rows in one order. Each function locks its conversation row and checks the fence before it reads or writes.
+BEGIN_BURSTS = """
+SELECT b.*
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])
+    WITH ORDINALITY AS i(channel, customer, fence, owner, due_at, position)
+CROSS JOIN LATERAL watibot.begin_burst(i.channel, i.customer, i.fence, i.owner, i.due_at, $6, $7, $8, $9, $10) AS b
+ORDER BY i.position
+"""
 
-FINISH_BURST = "SELECT * FROM watibot.finish_burst($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+FINISH_BURSTS = """
+SELECT b.*
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::integer[],
+            $9::text[], $10::text[], $11::timestamptz[], $12::boolean[])
+    WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
+                         agent_started_at, consume, position)
+CROSS JOIN LATERAL watibot.finish_burst(i.channel, i.customer, i.fence, i.owner, i.burst_id, i.status, i.error,
+                                        i.parts_sent, i.prompt, i.reply, i.agent_started_at, i.consume,
+                                        $13, $14, $15) AS b
+ORDER BY i.position
+"""
 
-# Before a part goes to WATI: extend the lease to cover the send, record the agent's reply (first time only) and
-# mark the part in flight — unless the customer's newest message is outside WhatsApp's session window, which
-# may_send reports. No row: the fence no longer matches.
-MARK_SENDING = """
-WITH held AS (
-    UPDATE watibot.conversation SET
-        lease_expires_at = now() + make_interval(secs => $5), due_at = now() + make_interval(secs => $5)
-    WHERE channel = $1 AND customer = $2 AND fence = $3 AND claimed_by = $4
-    RETURNING 1
-), session AS (
-    SELECT $7 > 0 OR max(COALESCE(wati_timestamp, received_at)) > now() - make_interval(secs => $8) AS open
-    FROM watibot.message WHERE channel = $1 AND customer = $2
-)
-UPDATE watibot.burst SET
-    status = 'sending',
-    sending_part = CASE WHEN (SELECT open FROM session) THEN $7 END,
-    prompt = COALESCE($9, prompt), reply = COALESCE($10, reply), reply_parts = COALESCE($11, reply_parts),
-    agent_started_at = COALESCE($12, agent_started_at),
-    agent_finished_at = CASE WHEN $10::text IS NOT NULL THEN now() ELSE agent_finished_at END
-WHERE id = $6 AND EXISTS (SELECT 1 FROM held)
-RETURNING (SELECT open FROM session) AS may_send
+# Before a part goes to WATI: extend the lease, record the reply (first time), mark the part in flight, unless
+# the session window has closed (may_send false). held false: the fence no longer matches.
+MARK_SENDINGS = """
+SELECT b.*
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::integer[], $7::text[], $8::text[],
+            $9::integer[], $10::timestamptz[])
+    WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, prompt, reply, reply_parts,
+                         agent_started_at, position)
+CROSS JOIN LATERAL watibot.mark_sending(i.channel, i.customer, i.fence, i.owner, $11, i.burst_id, i.part, $12,
+                                        i.prompt, i.reply, i.reply_parts, i.agent_started_at) AS b
+ORDER BY i.position
 """
 
 # Fenced single-row writes to the burst: the conversation row is locked (and the fence checked) in the same
@@ -323,6 +364,67 @@ def _seconds(value: Any) -> float | None:
     return None if value is None else float(value.total_seconds())
 
 
+@dataclass(frozen=True, slots=True)
+class _Ingest:
+    message: CustomerMessage
+    arrived_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    claim: Claim
+    burst_id: int
+    part: int
+    reply: RecordedReply | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    claim: Claim
+    burst_id: int
+    status: str
+    error: str | None
+    parts_sent: int | None
+    prompt: str | None
+    reply: str | None
+    agent_started_at: datetime | None
+    consume: bool
+
+
+_Keyed = TypeVar("_Keyed", Claim, _Mark, _Finish)
+
+
+def _by_conversation(items: list[_Keyed]) -> list[_Keyed]:
+    """`items` in the one order in which every batch locks conversation rows (code point order of the key,
+    which is PostgreSQL's COLLATE "C"): two batches, or a batch and the heartbeat, never wait on each other in
+    a cycle."""
+    def key(item: _Keyed) -> tuple[str, str]:
+        claim = item if isinstance(item, Claim) else item.claim
+        return claim.channel, claim.customer
+    return sorted(items, key=key)
+
+
+def _claim_columns(claims: list[Claim]) -> tuple[list[str], list[str], list[int], list[str]]:
+    return ([c.channel for c in claims], [c.customer for c in claims], [c.fence for c in claims],
+            [c.owner for c in claims])
+
+
+def _begun(claim: Claim, row: asyncpg.Record) -> Burst | Closed | LeaseLost:
+    if row["outcome"] == "lost":
+        return _lost(claim)
+    if row["outcome"] != "run":
+        return Closed(row["outcome"], row["wait_seconds"])
+    messages = [
+        BufferedMessage(
+            id=item["id"], provider_message_id=item["provider_message_id"], type=item["type"],
+            text=item["text"], wati_timestamp=_timestamp(item["wati_timestamp"]),
+            received_at=_timestamp(item["received_at"]) or datetime.now(UTC), data=item["data"],
+        )
+        for item in row["messages"]
+    ]
+    return Burst(row["burst_id"], row["attempts"], messages, row["reply"], row["reply_parts"], row["parts_sent"])
+
+
 class Repository:
     """Database operations over one pool."""
 
@@ -330,31 +432,65 @@ class Repository:
         self.pool = pool
         self.settings = settings
         self.timeout = settings.db_timeout_seconds
+        # Group commit (batching.py): webhooks, and each burst step, of this worker share statements and commits.
+        self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(self._ingest_many, name="ingest")
+        self.begin_batches: Batcher[Claim, Burst | Closed | LeaseLost] = Batcher(self._begin_many, name="begin")
+        self.mark_batches: Batcher[_Mark, bool | LeaseLost] = Batcher(self._mark_many, name="mark")
+        self.finish_batches: Batcher[_Finish, float | LeaseLost | None] = Batcher(self._finish_many, name="finish")
+
+    async def _batched(self, batcher: Batcher[Any, Any], item: Any) -> Any:
+        """`item`'s result from its batch, within the database timeout (then `DatabaseUnavailable`: the write
+        may still commit, as any write whose answer was lost may)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await batcher.submit(item)
+        except TimeoutError:
+            raise DatabaseUnavailable(f"no answer within {self.timeout:g} s") from None
+        if isinstance(result, LeaseLost):
+            raise result
+        return result
+
+    async def _fetch_batch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        with translate_errors():
+            async with asyncio.timeout(self.timeout), connection(self.pool, self.timeout) as conn:
+                return list(await conn.fetch(query, *args))
 
     # -- ingest --
 
     async def ingest(self, message: CustomerMessage, arrived_at: datetime | None = None) -> IngestResult:
-        """Store a customer message and push its conversation's due time, in one committed statement.
+        """Store a customer message and push its conversation's due time; returns once that is committed.
 
-        `arrived_at` replaces the database clock for tests of the window rules; the service passes None.
+        Concurrent calls share one statement and commit (group commit). `arrived_at` replaces the database
+        clock for tests of the window rules; the service passes None. Raises `DatabaseUnavailable` within the
+        database timeout: the sender gets a 503 in bounded time, never a hang.
         """
+        result: IngestResult = await self._batched(self.ingest_batches, _Ingest(message, arrived_at))
+        return result
+
+    async def _ingest_many(self, items: list[_Ingest]) -> list[IngestResult]:
         s = self.settings
-        # One deadline for acquiring and running: the sender gets a 503 in bounded time, never a hang.
-        with translate_errors():
-            async with asyncio.timeout(self.timeout), connection(self.pool, self.timeout) as conn:
-                row = await conn.fetchrow(
-                INGEST_MESSAGE,
-                    message.channel, message.customer, message.provider_message_id, message.wati_id,
-                    message.type, message.text, message.wati_timestamp, message.payload, message.wa_id,
-                    s.buffer_seconds, s.buffer_mode.value, s.buffer_max_seconds, arrived_at,
-                )
-        assert row is not None
-        if row["message_id"] is None:
-            return IngestResult(duplicate=True, wait_seconds=None)
-        wait = None
-        if row["due_at"] is not None:
-            wait = (row["due_at"] - row["received_at"]).total_seconds()
-        return IngestResult(duplicate=False, wait_seconds=wait)
+        first: dict[str, int] = {}  # a whatsappMessageId twice in one batch: the second is a duplicate
+        unique = [first.setdefault(item.message.provider_message_id, n) == n for n, item in enumerate(items)]
+        batch = [item for item, keep in zip(items, unique, strict=True) if keep]
+        messages = [item.message for item in batch]
+        rows = await self._fetch_batch(
+            INGEST_MESSAGES,
+            [m.channel for m in messages], [m.customer for m in messages], [m.provider_message_id for m in messages],
+            [m.wati_id for m in messages], [m.type for m in messages], [m.text for m in messages],
+            [m.wati_timestamp for m in messages], [json.dumps(m.payload) for m in messages],
+            [m.wa_id for m in messages], [item.arrived_at for item in batch],
+            s.buffer_seconds, s.buffer_mode.value, s.buffer_max_seconds,
+        )
+        stored = iter(rows)
+        results = []
+        for keep in unique:
+            row = next(stored) if keep else None
+            if row is None or row["message_id"] is None:
+                results.append(IngestResult(duplicate=True, wait_seconds=None))
+                continue
+            wait = None if row["due_at"] is None else (row["due_at"] - row["received_at"]).total_seconds()
+            results.append(IngestResult(duplicate=False, wait_seconds=wait))
+        return results
 
     async def operator_message(self, event: OperatorMessage) -> bool:
         """Pause the bot for the customer an operator wrote to; False when the message was one of our replies."""
@@ -422,54 +558,62 @@ class Repository:
         parts already accepted; one without a reply is rebuilt from the whole buffer. A conversation an
         operator took over waits for the pause to end; messages the operator answered are closed as `human`.
         """
+        begun: Burst | Closed = await self._batched(self.begin_batches, claim)
+        return begun
+
+    async def _begin_many(self, claims: list[Claim]) -> list[Burst | Closed | LeaseLost]:
         s = self.settings
-        row = await self._fetchrow(
-            BEGIN_BURST, *self._claim_args(claim), claim.was_due_at, s.max_attempts, s.human_answered == "skip",
-            *self._window_args(),
+        order = _by_conversation(claims)
+        rows = await self._fetch_batch(
+            BEGIN_BURSTS, [c.channel for c in order], [c.customer for c in order], [c.fence for c in order],
+            [c.owner for c in order], [c.was_due_at for c in order],
+            s.max_attempts, s.human_answered == "skip", *self._window_args(),
         )
-        assert row is not None
-        if row["outcome"] == "lost":
-            raise _lost(claim)
-        if row["outcome"] != "run":
-            return Closed(row["outcome"], row["wait_seconds"])
-        messages = [
-            BufferedMessage(
-                id=item["id"], provider_message_id=item["provider_message_id"], type=item["type"],
-                text=item["text"], wati_timestamp=_timestamp(item["wati_timestamp"]),
-                received_at=_timestamp(item["received_at"]) or datetime.now(UTC), data=item["data"],
-            )
-            for item in row["messages"]
-        ]
-        return Burst(row["burst_id"], row["attempts"], messages, row["reply"], row["reply_parts"],
-                     row["parts_sent"])
+        begun = {id(claim): _begun(claim, row) for claim, row in zip(order, rows, strict=True)}
+        return [begun[id(claim)] for claim in claims]
 
     async def _finish(
         self, claim: Claim, burst: Burst, status: str, *, error: str | None = None, parts_sent: int | None = None,
         prompt: str | None = None, reply: str | None = None, agent_started_at: datetime | None = None,
         consume: bool = True,
     ) -> float | None:
-        row = await self._fetchrow(
-            FINISH_BURST, *self._claim_args(claim), burst.id, status, error, parts_sent, prompt, reply,
-            agent_started_at, consume, *self._window_args(),
+        finish = _Finish(claim, burst.id, status, error, parts_sent, prompt, reply, agent_started_at, consume)
+        wait: float | None = await self._batched(self.finish_batches, finish)
+        return wait
+
+    async def _finish_many(self, items: list[_Finish]) -> list[float | LeaseLost | None]:
+        order = _by_conversation(items)
+        rows = await self._fetch_batch(
+            FINISH_BURSTS, *_claim_columns([f.claim for f in order]), [f.burst_id for f in order],
+            [f.status for f in order], [f.error for f in order], [f.parts_sent for f in order],
+            [f.prompt for f in order], [f.reply for f in order], [f.agent_started_at for f in order],
+            [f.consume for f in order], *self._window_args(),
         )
-        if row is None or not row["held"]:
-            raise _lost(claim)
-        return row["wait_seconds"]  # type: ignore[no-any-return]
+        done = {id(f): row["wait_seconds"] if row["held"] else _lost(f.claim)
+                for f, row in zip(order, rows, strict=True)}
+        return [done[id(f)] for f in items]
 
     async def mark_sending(self, claim: Claim, burst: Burst, part: int, reply: RecordedReply | None = None) -> bool:
         """Before part `part` goes to WATI: extend the lease, record the reply (if new), mark the part in flight.
 
         Returns False, marking nothing, when the customer's newest message is outside the session window.
         """
-        row = await self._fetchrow(
-            MARK_SENDING, *self._claim_args(claim), self.settings.lease_seconds, burst.id, part,
-            self.settings.session_window_hours * 3600,
-            reply.prompt if reply else None, reply.text if reply else None, reply.parts if reply else None,
-            reply.agent_started_at if reply else None,
+        may_send: bool = await self._batched(self.mark_batches, _Mark(claim, burst.id, part, reply))
+        return may_send
+
+    async def _mark_many(self, items: list[_Mark]) -> list[bool | LeaseLost]:
+        order = _by_conversation(items)
+        replies = [m.reply for m in order]
+        rows = await self._fetch_batch(
+            MARK_SENDINGS, *_claim_columns([m.claim for m in order]), [m.burst_id for m in order],
+            [m.part for m in order], [r.prompt if r else None for r in replies],
+            [r.text if r else None for r in replies], [r.parts if r else None for r in replies],
+            [r.agent_started_at if r else None for r in replies],
+            self.settings.lease_seconds, self.settings.session_window_hours * 3600,
         )
-        if row is None:
-            raise _lost(claim)
-        return bool(row["may_send"])
+        marked = {id(m): bool(row["may_send"]) if row["held"] else _lost(m.claim)
+                  for m, row in zip(order, rows, strict=True)}
+        return [marked[id(m)] for m in items]
 
     async def mark_part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
         """WATI accepted part `part` (not the last one: `complete` records that)."""

@@ -1,0 +1,233 @@
+"""Group commit: concurrent writes share statements, and each caller still gets its own committed result."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import customer_message
+from tests.test_claim import Sql, make_due, run
+from watibot.batching import Batcher
+from watibot.db import DatabaseUnavailable, LeaseLost
+from watibot.payload import CustomerMessage, parse_event
+from watibot.repository import Burst, Closed, RecordedReply, Repository
+
+
+async def settled(predicate: Callable[[], bool]) -> None:
+    """Let the event loop run until `predicate` holds (a bounded number of turns; no clock involved)."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+class Recorder:
+    """A `run` for a Batcher that records its batches; it waits for `release` before answering."""
+
+    def __init__(self, fail_on: object = None, error: Exception | None = None) -> None:
+        self.batches: list[list[object]] = []
+        self.release = asyncio.Event()
+        self.fail_on = fail_on
+        self.error = error or ValueError("bad item")
+
+    async def __call__(self, items: list[object]) -> Sequence[object | Exception]:
+        self.batches.append(items)
+        await self.release.wait()
+        if self.fail_on in items:
+            raise self.error
+        return [f"done {item}" for item in items]
+
+
+def test_callers_arriving_during_a_batch_share_the_next_one() -> None:
+    """One batch runs at a time here: the 20 callers that arrive meanwhile go together, each gets its result."""
+    async def main() -> tuple[list[list[object]], list[object]]:
+        recorder = Recorder()
+        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        first = asyncio.create_task(batcher.submit(0))
+        await settled(lambda: len(recorder.batches) == 1)  # the first batch runs with item 0 alone
+        rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 21)]
+        await settled(lambda: batcher.waiting == 20)
+        recorder.release.set()
+        return recorder.batches, await asyncio.gather(first, *rest)
+
+    batches, results = asyncio.run(main())
+    assert batches == [[0], list(range(1, 21))]
+    assert results == [f"done {n}" for n in range(21)]
+
+
+def test_batches_are_capped_and_several_run_at_once() -> None:
+    async def main() -> list[list[object]]:
+        recorder = Recorder()
+        batcher: Batcher[object, object] = Batcher(recorder, max_size=4, max_running=2)
+        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(10)]
+        await settled(lambda: len(recorder.batches) == 2)
+        assert batcher.waiting == 2  # two batches of 4 in flight, the rest waiting
+        recorder.release.set()
+        await asyncio.gather(*tasks)
+        return recorder.batches
+
+    batches = asyncio.run(main())
+    assert sorted(len(batch) for batch in batches) == [2, 4, 4]
+    assert sorted(item for batch in batches for item in batch) == list(range(10))  # type: ignore[type-var]
+
+
+def test_a_failing_item_fails_alone() -> None:
+    """A statement error rolls the batch back; each item is run again alone and only the bad one fails."""
+    async def main() -> list[object]:
+        recorder = Recorder(fail_on=3)
+        recorder.release.set()
+        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        recorder.release.clear()
+        blocker = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(6)]
+        await settled(lambda: batcher.waiting == 6)
+        recorder.release.set()
+        await blocker
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert [r if not isinstance(r, Exception) else type(r).__name__ for r in results] == [
+        "done 0", "done 1", "done 2", "ValueError", "done 4", "done 5"]
+
+
+def test_an_unavailable_database_fails_the_whole_batch_without_rerunning_it() -> None:
+    """Its outcome is unknown (it may have committed): nothing is run twice, every caller hears it."""
+    async def main() -> tuple[list[object], int]:
+        recorder = Recorder(fail_on=1, error=DatabaseUnavailable("connection lost"))
+        recorder.release.set()
+        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        recorder.release.clear()
+        blocker = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(3)]
+        await settled(lambda: batcher.waiting == 3)
+        recorder.release.set()
+        await blocker
+        return await asyncio.gather(*tasks, return_exceptions=True), len(recorder.batches)
+
+    results, batches = asyncio.run(main())
+    assert all(isinstance(result, DatabaseUnavailable) for result in results)
+    assert batches == 2
+
+
+def test_a_caller_cancelled_before_its_batch_starts_is_left_out() -> None:
+    async def main() -> list[list[object]]:
+        recorder = Recorder()
+        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        first = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        kept, dropped = asyncio.create_task(batcher.submit("kept")), asyncio.create_task(batcher.submit("dropped"))
+        await settled(lambda: batcher.waiting == 2)
+        dropped.cancel()
+        await settled(dropped.done)
+        recorder.release.set()
+        await asyncio.gather(first, kept)
+        return recorder.batches
+
+    assert asyncio.run(main()) == [["first"], ["kept"]]
+
+
+# -- the repository's batches on a real PostgreSQL -----------------------------------------------------------------
+
+def _message(wa_id: str, text: str, message_id: str) -> CustomerMessage:
+    event = parse_event(customer_message(wa_id, text, message_id))
+    assert isinstance(event, CustomerMessage)
+    return event
+
+
+def test_concurrent_webhooks_are_stored_once_each_in_shared_commits(database_url: str, sql: Sql) -> None:
+    """300 concurrent ingests over 30 customers, each message delivered twice (some twice in one batch):
+    every message is stored once, exactly one delivery of each is reported new, and commits were shared."""
+    messages = [_message(f"5037100{n % 30:04d}", f"m{n}", f"wamid.batch.{n}") for n in range(150)]
+
+    async def main(repository: Repository) -> tuple[list[bool], int]:
+        results = await asyncio.gather(*(repository.ingest(m) for m in messages + messages[::-1]))
+        return [result.duplicate for result in results], repository.ingest_batches.batches
+
+    duplicates, batches = run(database_url, main)
+    assert sum(not duplicate for duplicate in duplicates) == 150
+    for n in range(150):  # message n is the n-th call and the (299 - n)-th
+        assert duplicates[n] != duplicates[299 - n]
+    assert batches < 100
+    assert sql("SELECT count(*), count(DISTINCT provider_message_id) FROM watibot.message") == [(150, 150)]
+    rows = sql("SELECT count(*), count(due_at), count(buffer_started_at) FROM watibot.conversation")
+    assert rows == [(30, 30, 30)]
+
+
+def test_a_message_the_database_refuses_fails_alone_in_its_batch(database_url: str, sql: Sql) -> None:
+    """A row PostgreSQL cannot index (an id too long for a btree entry) gets its own error; the webhooks
+    batched with it are stored."""
+    # built past the parser, which refuses ids over 512 characters
+    bad = dataclasses.replace(_message("50371000001", "bad", "wamid.bad"),
+                              provider_message_id="wamid." + secrets.token_hex(3000))
+
+    async def main(repository: Repository) -> list[object]:
+        good = [repository.ingest(_message("50371000002", f"g{n}", f"wamid.good.{n}")) for n in range(10)]
+        return await asyncio.gather(*good[:5], repository.ingest(bad), *good[5:], return_exceptions=True)
+
+    results = run(database_url, main)
+    assert isinstance(results[5], asyncpg.exceptions.ProgramLimitExceededError)
+    assert all(not isinstance(result, BaseException) and not result.duplicate  # type: ignore[union-attr]
+               for n, result in enumerate(results) if n != 5)
+    assert sql("SELECT count(*) FROM watibot.message") == [(10,)]
+
+
+def test_burst_steps_of_many_conversations_share_statements_and_stay_fenced(database_url: str, sql: Sql) -> None:
+    """60 claimed conversations run begin, mark-sending and finish concurrently; a stale fence in the same
+    batches is refused alone (LeaseLost) while its neighbours complete."""
+    make_due(sql, 60, messages_each=2)
+
+    async def main(repository: Repository) -> dict[str, Any]:
+        claims = await repository.claim_due("worker-a", 100)
+        assert len(claims) == 60
+        stale = claims[7]
+        sql("UPDATE watibot.conversation SET fence = fence + 1 WHERE customer = %s", stale.customer)
+        begun = await asyncio.gather(*(repository.begin_burst(claim) for claim in claims), return_exceptions=True)
+        live = [(claim, burst) for claim, burst in zip(claims, begun, strict=True) if isinstance(burst, Burst)]
+        reply = RecordedReply("prompt", "reply", 1, datetime.now(UTC))
+        marks = await asyncio.gather(*(repository.mark_sending(claim, burst, 0, reply) for claim, burst in live))
+        waits = await asyncio.gather(*(repository.complete(claim, burst, "sent", parts_sent=1)
+                                       for claim, burst in live))
+        return {"begun": begun, "marks": marks, "waits": waits, "live": len(live),
+                "batches": [repository.begin_batches.batches, repository.mark_batches.batches,
+                            repository.finish_batches.batches]}
+
+    outcome = run(database_url, main)
+    assert isinstance(outcome["begun"][7], LeaseLost)
+    assert not any(isinstance(b, Closed) for b in outcome["begun"])
+    assert outcome["live"] == 59
+    assert outcome["marks"] == [True] * 59
+    assert outcome["waits"] == [None] * 59  # nothing left buffered
+    assert all(batches < 59 for batches in outcome["batches"])
+    assert sql("SELECT status, count(*), sum(cardinality(message_ids)) FROM watibot.burst GROUP BY status") == [
+        ("sent", 59, 118)]
+    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(2,)]  # the stale one's
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_batches_and_heartbeats_over_the_same_conversations_do_not_deadlock(
+    database_url: str, sql: Sql, order: str
+) -> None:
+    """Heartbeats (all claims) race batched begins (the same claims, submitted in either order): rows are locked
+    in one order, so no statement is aborted as a deadlock."""
+    make_due(sql, 80)
+
+    async def main(repository: Repository) -> list[object]:
+        claims = await repository.claim_due("worker-a", 100)
+        submitted = claims if order == "forward" else claims[::-1]
+        heartbeats = [repository.heartbeat("worker-a", claims[::-1] if n % 2 else claims) for n in range(6)]
+        return await asyncio.gather(*heartbeats, *(repository.begin_burst(c) for c in submitted),
+                                    return_exceptions=True)
+
+    results = run(database_url, main)
+    assert not [result for result in results if isinstance(result, BaseException)]
+    assert sql("SELECT count(*) FROM watibot.burst WHERE status = 'processing'") == [(80,)]
