@@ -17,7 +17,7 @@ from tests.test_claim import Sql, make_due, run
 from watibot.batching import Batcher
 from watibot.db import DatabaseUnavailable, LeaseLost
 from watibot.payload import CustomerMessage, parse_event
-from watibot.repository import Burst, Closed, RecordedReply, Repository
+from watibot.repository import Burst, Closed, IngestResult, RecordedReply, Repository
 
 
 async def settled(predicate: Callable[[], bool]) -> None:
@@ -50,7 +50,7 @@ def test_callers_arriving_during_a_batch_share_the_next_one() -> None:
     """One batch runs at a time here: the 20 callers that arrive meanwhile go together, each gets its result."""
     async def main() -> tuple[list[list[object]], list[object]]:
         recorder = Recorder()
-        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
         first = asyncio.create_task(batcher.submit(0))
         await settled(lambda: len(recorder.batches) == 1)  # the first batch runs with item 0 alone
         rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 21)]
@@ -66,7 +66,7 @@ def test_callers_arriving_during_a_batch_share_the_next_one() -> None:
 def test_batches_are_capped_and_several_run_at_once() -> None:
     async def main() -> list[list[object]]:
         recorder = Recorder()
-        batcher: Batcher[object, object] = Batcher(recorder, max_size=4, max_running=2)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_size=4, max_running=2)
         tasks = [asyncio.create_task(batcher.submit(n)) for n in range(10)]
         await settled(lambda: len(recorder.batches) == 2)
         assert batcher.waiting == 2  # two batches of 4 in flight, the rest waiting
@@ -84,7 +84,7 @@ def test_a_failing_item_fails_alone() -> None:
     async def main() -> list[object]:
         recorder = Recorder(fail_on=3)
         recorder.release.set()
-        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
         recorder.release.clear()
         blocker = asyncio.create_task(batcher.submit("first"))
         await settled(lambda: len(recorder.batches) == 1)
@@ -104,7 +104,7 @@ def test_an_unavailable_database_fails_the_whole_batch_without_rerunning_it() ->
     async def main() -> tuple[list[object], int]:
         recorder = Recorder(fail_on=1, error=DatabaseUnavailable("connection lost"))
         recorder.release.set()
-        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
         recorder.release.clear()
         blocker = asyncio.create_task(batcher.submit("first"))
         await settled(lambda: len(recorder.batches) == 1)
@@ -122,7 +122,7 @@ def test_an_unavailable_database_fails_the_whole_batch_without_rerunning_it() ->
 def test_a_caller_cancelled_before_its_batch_starts_is_left_out() -> None:
     async def main() -> list[list[object]]:
         recorder = Recorder()
-        batcher: Batcher[object, object] = Batcher(recorder, max_running=1)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
         first = asyncio.create_task(batcher.submit("first"))
         await settled(lambda: len(recorder.batches) == 1)
         kept, dropped = asyncio.create_task(batcher.submit("kept")), asyncio.create_task(batcher.submit("dropped"))
@@ -134,6 +134,33 @@ def test_a_caller_cancelled_before_its_batch_starts_is_left_out() -> None:
         return recorder.batches
 
     assert asyncio.run(main()) == [["first"], ["kept"]]
+
+
+def test_a_hanging_batch_answers_its_callers_at_their_deadline() -> None:
+    async def main() -> tuple[list[object], list[list[object]]]:
+        recorder = Recorder()  # never released: the database hangs
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=0.2, max_running=1)
+        hung = asyncio.create_task(batcher.submit("hung"))
+        await settled(lambda: len(recorder.batches) == 1)
+        queued = asyncio.create_task(batcher.submit("queued"))
+        return list(await asyncio.gather(hung, queued, return_exceptions=True)), recorder.batches
+
+    results, batches = asyncio.run(main())
+    assert all(isinstance(result, DatabaseUnavailable) for result in results)
+    assert batches[0] == ["hung"]
+
+
+def test_an_item_past_its_deadline_is_not_started() -> None:
+    async def main() -> tuple[object, list[list[object]]]:
+        recorder = Recorder()
+        recorder.release.set()
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=0)
+        result = await asyncio.gather(batcher.submit("late"), return_exceptions=True)
+        return result[0], recorder.batches
+
+    result, batches = asyncio.run(main())
+    assert isinstance(result, DatabaseUnavailable)
+    assert batches == []
 
 
 # -- the repository's batches on a real PostgreSQL -----------------------------------------------------------------
@@ -176,8 +203,8 @@ def test_a_message_the_database_refuses_fails_alone_in_its_batch(database_url: s
 
     results = run(database_url, main)
     assert isinstance(results[5], asyncpg.exceptions.ProgramLimitExceededError)
-    assert all(not isinstance(result, BaseException) and not result.duplicate  # type: ignore[union-attr]
-               for n, result in enumerate(results) if n != 5)
+    stored = [result for n, result in enumerate(results) if n != 5]
+    assert all(isinstance(result, IngestResult) and not result.duplicate for result in stored)
     assert sql("SELECT count(*) FROM watibot.message") == [(10,)]
 
 

@@ -1,5 +1,8 @@
 """The "sending" mark as a function, so a worker can run the marks of many bursts in one statement.
 
+Its session-window check reads only the messages received inside the window (the statement it replaces read
+every message of the conversation on every send).
+
 Since this revision a worker runs each burst step (begin, mark sending, finish) for all its bursts that reach
 that step together, as one statement calling the step's function once per burst, in a fixed order of
 conversations (so batches never deadlock with each other or with the heartbeat), and one commit.
@@ -38,10 +41,15 @@ def upgrade() -> None:
             may_send := false;
             RETURN;
         END IF;
-        SELECT COALESCE(p_part > 0 OR max(COALESCE(m.wati_timestamp, m.received_at))
-                                       > now() - make_interval(secs => p_window), false)
-        INTO may_send
-        FROM watibot.message AS m WHERE m.channel = p_channel AND m.customer = p_customer;
+        -- A customer message inside the window. A message is received after it is sent, so only messages
+        -- received inside the window can qualify: an index range on message_conversation_idx, however long the
+        -- conversation's history (the statement this replaces read every message of the conversation).
+        SELECT COALESCE(p_part > 0 OR EXISTS (
+            SELECT 1 FROM watibot.message AS m
+            WHERE m.channel = p_channel AND m.customer = p_customer
+              AND m.received_at > now() - make_interval(secs => p_window)
+              AND COALESCE(m.wati_timestamp, m.received_at) > now() - make_interval(secs => p_window)), false)
+        INTO may_send;
         UPDATE watibot.burst SET
             status = 'sending',
             sending_part = CASE WHEN may_send THEN p_part END,

@@ -1,13 +1,13 @@
 """Every SQL statement watibot runs, and the transactions around them. No other module holds SQL.
 
 Times come from the database clock (`now()`), so several hosts with skewed clocks agree on due times and leases.
-Writes made by a claim holder go through `_fenced`, which locks the conversation row and checks the fence
-first: a worker whose claim was taken over gets `LeaseLost` and changes nothing.
+Writes made by a claim holder check the fence in the same statement or function, after locking the conversation
+row: a worker whose claim was taken over gets `LeaseLost` and changes nothing. Webhook inserts and the burst steps
+run through `batching.Batcher`: concurrent callers share one statement and one commit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from watibot.batching import Batcher
-from watibot.db import DatabaseUnavailable, LeaseLost, connection, translate_errors
+from watibot.db import LeaseLost, connection
 from watibot.payload import CustomerMessage, DeliveryUpdate, OperatorMessage
 from watibot.settings import Settings
 
@@ -433,27 +433,22 @@ class Repository:
         self.settings = settings
         self.timeout = settings.db_timeout_seconds
         # Group commit (batching.py): webhooks, and each burst step, of this worker share statements and commits.
-        self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(self._ingest_many, name="ingest")
-        self.begin_batches: Batcher[Claim, Burst | Closed | LeaseLost] = Batcher(self._begin_many, name="begin")
-        self.mark_batches: Batcher[_Mark, bool | LeaseLost] = Batcher(self._mark_many, name="mark")
-        self.finish_batches: Batcher[_Finish, float | LeaseLost | None] = Batcher(self._finish_many, name="finish")
+        # Each caller gets its answer, or DatabaseUnavailable, within the database timeout.
+        t = self.timeout
+        self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(self._ingest_many, timeout=t, name="ingest")
+        self.begin_batches: Batcher[Claim, Burst | Closed | LeaseLost] = Batcher(
+            self._begin_many, timeout=t, name="begin")
+        self.mark_batches: Batcher[_Mark, bool | LeaseLost] = Batcher(self._mark_many, timeout=t, name="mark")
+        self.finish_batches: Batcher[_Finish, float | LeaseLost | None] = Batcher(
+            self._finish_many, timeout=t, name="finish")
 
     async def _batched(self, batcher: Batcher[Any, Any], item: Any) -> Any:
-        """`item`'s result from its batch, within the database timeout (then `DatabaseUnavailable`: the write
-        may still commit, as any write whose answer was lost may)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await batcher.submit(item)
-        except TimeoutError:
-            raise DatabaseUnavailable(f"no answer within {self.timeout:g} s") from None
-        if isinstance(result, LeaseLost):
-            raise result
-        return result
+        """`item`'s result from its batch (a refused fence raises `LeaseLost`)."""
+        return await batcher.submit(item)
 
     async def _fetch_batch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        with translate_errors():
-            async with asyncio.timeout(self.timeout), connection(self.pool, self.timeout) as conn:
-                return list(await conn.fetch(query, *args))
+        async with connection(self.pool, self.timeout) as conn:  # the Batcher bounds the whole wait
+            return list(await conn.fetch(query, *args))
 
     # -- ingest --
 
