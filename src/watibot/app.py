@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from watibot import db
 from watibot.agents import build_agent
 from watibot.clients import agent_http_client, wati_session
+from watibot.ingest import WebhookFastPath
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging, set_worker
 from watibot.metrics import TimedWatiClient
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)
     app.include_router(ingest_router)
+    app.add_middleware(WebhookFastPath)
     app.include_router(metrics_router)
 
     @app.get("/healthz")

@@ -17,13 +17,11 @@ the variable (the CLI imports it lazily).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -59,13 +57,11 @@ for _outcome in ("accepted", "rejected", "unknown"):
 router = APIRouter()
 
 
-def count_webhook(response: Response) -> str:
-    """Count one answered webhook by its status; returns the status."""
-    status = _STATUS_BY_CODE.get(response.status_code, str(response.status_code))
-    if response.status_code == 200 and isinstance(response, JSONResponse):
-        status = str(json.loads(bytes(response.body)).get("status", "ok"))
-    WEBHOOKS.labels(status=status).inc()
-    return status
+def count_webhook(code: int, status: str | None = None) -> str:
+    """Count one answered webhook: by `status` for a 200, by what the HTTP `code` means otherwise."""
+    label = status if code == 200 and status else _STATUS_BY_CODE.get(code, str(code))
+    WEBHOOKS.labels(status=label).inc()
+    return label
 
 
 def observe_claim(claim: Claim) -> None:
