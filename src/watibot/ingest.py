@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -84,6 +85,16 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _query_passkey(query_string: bytes) -> str | None:
+    """`passkey` from the query string, read as Starlette's `query_params` would (the last one wins), without
+    building its multi-dict for every webhook."""
+    if b"passkey" not in query_string:
+        return None
+    values = [value for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+              if name == "passkey"]
+    return values[-1] if values else None
+
+
 def _passkey_matches(given: object, expected: bytes) -> bool:
     if not isinstance(given, str):
         return False
@@ -143,7 +154,7 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     expected: bytes = state.passkey
     limit: int = state.settings.webhook_max_body_bytes
 
-    presented = request.query_params.get("passkey") or request.headers.get(PASSKEY_HEADER)
+    presented = _query_passkey(request.scope["query_string"]) or request.headers.get(PASSKEY_HEADER)
     if presented is not None and not _passkey_matches(presented, expected):
         return _error(401, "missing or wrong passkey"), None
     content_type = request.headers.get("content-type", "application/json").lower()

@@ -435,7 +435,9 @@ class Repository:
         # Group commit (batching.py): webhooks, and each burst step, of this worker share statements and commits.
         # Each caller gets its answer, or DatabaseUnavailable, within the database timeout.
         t = self.timeout
-        self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(self._ingest_many, timeout=t, name="ingest")
+        # Ingest runs one batch at a time per worker: fewer, larger commits (4 workers under wrk: 0.50 -> 0.54 of bare).
+        self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(
+            self._ingest_many, timeout=t, max_running=1, name="ingest")
         self.begin_batches: Batcher[Claim, Burst | Closed | LeaseLost] = Batcher(
             self._begin_many, timeout=t, name="begin")
         self.mark_batches: Batcher[_Mark, bool | LeaseLost] = Batcher(self._mark_many, timeout=t, name="mark")
