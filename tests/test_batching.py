@@ -84,7 +84,7 @@ def test_a_failing_item_fails_alone() -> None:
     async def main() -> list[object]:
         recorder = Recorder(fail_on=3)
         recorder.release.set()
-        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, rolled_back=(ValueError,), max_running=1)
         recorder.release.clear()
         blocker = asyncio.create_task(batcher.submit("first"))
         await settled(lambda: len(recorder.batches) == 1)
@@ -97,6 +97,24 @@ def test_a_failing_item_fails_alone() -> None:
     results = asyncio.run(main())
     assert [r if not isinstance(r, Exception) else type(r).__name__ for r in results] == [
         "done 0", "done 1", "done 2", "ValueError", "done 4", "done 5"]
+
+
+def test_an_error_that_may_follow_the_commit_is_not_rerun() -> None:
+    """Only errors declared `rolled_back` are re-run item by item; any other goes to every item of the batch."""
+    async def main() -> tuple[list[object], int]:
+        recorder = Recorder(fail_on=1, error=KeyError("decoding the answer failed"))
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, rolled_back=(ValueError,), max_running=1)
+        blocker = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(3)]
+        await settled(lambda: batcher.waiting == 3)
+        recorder.release.set()
+        await blocker
+        return await asyncio.gather(*tasks, return_exceptions=True), len(recorder.batches)
+
+    results, batches = asyncio.run(main())
+    assert all(isinstance(result, KeyError) for result in results)
+    assert batches == 2
 
 
 def test_an_unavailable_database_fails_the_whole_batch_without_rerunning_it() -> None:
@@ -258,3 +276,17 @@ def test_batches_and_heartbeats_over_the_same_conversations_do_not_deadlock(
     results = run(database_url, main)
     assert not [result for result in results if isinstance(result, BaseException)]
     assert sql("SELECT count(*) FROM watibot.burst WHERE status = 'processing'") == [(80,)]
+
+
+def test_messages_of_one_batch_keep_their_arrival_order(database_url: str, sql: Sql) -> None:
+    """Ids follow the order webhooks reached the batch, not the order of their whatsappMessageIds (which is the
+    order rows are locked in): a burst of messages sent in the same second reaches the agent as it arrived."""
+    provider_ids = [f"wamid.order.{9 - n}" for n in range(10)]  # sorted backwards
+
+    async def main(repository: Repository) -> int:
+        await asyncio.gather(*(repository.ingest(_message("50371000003", f"line {n}", provider_id))
+                               for n, provider_id in enumerate(provider_ids)))
+        return repository.ingest_batches.batches
+
+    assert run(database_url, main) < 10
+    assert [row[0] for row in sql("SELECT provider_message_id FROM watibot.message ORDER BY id")] == provider_ids

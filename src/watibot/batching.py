@@ -25,25 +25,32 @@ class Batcher(Generic[T, R]):
 
     `run` gets a list of items and returns one result per item, in order: a value, or an exception for that
     item alone. If `run` raises `DatabaseUnavailable`, every item of the batch gets it (the batch's outcome is
-    unknown: it may have committed). Any other error rolled the whole statement back, so each item is run again
-    on its own, and only the item that fails alone gets the error: one bad row never fails its neighbours.
-    A caller cancelled before its batch started is left out of it.
+    unknown: it may have committed). If it raises one of `rolled_back` (errors the server reports for a
+    statement, which it then rolled back whole), each item is run again on its own and only an item that fails
+    alone gets the error: one bad row never fails its neighbours. Any other error goes to every item, never
+    re-run (it may have come after the commit). A caller cancelled before its batch started is left out of it.
 
-    Each item gets its answer within `timeout` seconds of its submission, or `DatabaseUnavailable`: an item that
-    waited that long is not started any more, and a batch may run only until its oldest item's deadline. One
-    timer per batch, not one per caller (a timer per webhook was 8 % of a worker's time).
+    Deadlines: every caller gets its answer, or `DatabaseUnavailable`, within `timeout` seconds of submitting,
+    from one timer per batcher re-armed to the earliest deadline (a timer per webhook was 8 % of a worker's
+    time). An item already past its deadline is not started; a statement that runs on past a caller's deadline
+    is not cancelled for it (the others in its batch still get their answer) but is bounded by `timeout` from
+    its own start.
     """
 
     def __init__(
         self, run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]], *, timeout: float,
-        max_size: int = 100, max_running: int = 2, name: str = "batch",
+        rolled_back: tuple[type[Exception], ...] = (), max_size: int = 100, max_running: int = 2,
+        name: str = "batch",
     ) -> None:
         self._run = run
         self._timeout = timeout
+        self._rolled_back = rolled_back
         self._max_size = max_size
         self._max_running = max_running
         self._name = name
-        self._pending: list[tuple[T, asyncio.Future[R], float]] = []
+        self._pending: list[_Entry[T, R]] = []
+        self._inflight: set[_Entry[T, R]] = set()
+        self._timer: asyncio.TimerHandle | None = None
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batches run, for tests and benchmarks
@@ -58,13 +65,35 @@ class Batcher(Generic[T, R]):
         """Run `item` in the next batch and return its result (or raise its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append((item, future, loop.time() + self._timeout))
+        entry = _Entry(item, future, loop.time() + self._timeout)
+        self._pending.append(entry)
+        if self._timer is None:
+            self._timer = loop.call_at(entry.deadline, self._expire)
         if self._running < self._max_running:
             self._running += 1
             task = asyncio.create_task(self._drain(), name=f"watibot-{self._name}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
+
+    def _late(self) -> DatabaseUnavailable:
+        return DatabaseUnavailable(f"no answer from the database within {self._timeout:g} s")
+
+    def _expire(self) -> None:
+        """Answer every caller past its deadline, queued or in flight; re-arm for the next deadline."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = None
+        for entry in (*self._pending, *self._inflight):
+            if entry.future.done():
+                continue
+            if entry.deadline <= now:
+                entry.future.set_exception(self._late())
+            elif earliest is None or entry.deadline < earliest:
+                earliest = entry.deadline
+        if earliest is not None:
+            self._timer = loop.call_at(earliest, self._expire)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -73,52 +102,75 @@ class Batcher(Generic[T, R]):
                 taken, self._pending = self._pending[: self._max_size], self._pending[self._max_size:]
                 now = loop.time()
                 batch = []
-                for item, future, deadline in taken:
-                    if future.done():
+                for entry in taken:
+                    if entry.future.done():
                         continue
-                    if deadline <= now:
-                        future.set_exception(self._late())
+                    if entry.deadline <= now:
+                        entry.future.set_exception(self._late())
                     else:
-                        batch.append((item, future))
+                        batch.append(entry)
                 if batch:
-                    await self._run_batch(batch, min(deadline for *_, deadline in taken if deadline > now))
+                    await self._run_batch(batch)
         finally:
             self._running -= 1
+            if self._running == 0 and self._pending:  # drain ended abnormally: nobody would start these
+                for entry in self._pending:
+                    if not entry.future.done():
+                        entry.future.set_exception(self._late())
+                self._pending = []
 
-    def _late(self) -> DatabaseUnavailable:
-        return DatabaseUnavailable(f"no answer from the database within {self._timeout:g} s")
-
-    async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]], deadline: float) -> None:
+    async def _run_batch(self, batch: list[_Entry[T, R]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        self._inflight.update(batch)
+        results: Sequence[R | Exception] = []
         try:
-            async with asyncio.timeout_at(deadline):
-                results = await self._run([item for item, _ in batch])
+            results = await self._results([entry.item for entry in batch])
+        finally:
+            self._inflight.difference_update(batch)
+            for index, entry in enumerate(batch):
+                if entry.future.done():
+                    continue
+                result = results[index] if index < len(results) else self._late()
+                if isinstance(result, Exception):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
+
+    async def _results(self, items: list[T]) -> Sequence[R | Exception]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._run(items)
         except TimeoutError:
-            results = [self._late()] * len(batch)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
+            return [self._late() for _ in items]
         except DatabaseUnavailable as error:
-            results = [error] * len(batch)
+            return [DatabaseUnavailable(str(error)) for _ in items]  # one instance per caller: each raises its own
+        except self._rolled_back as error:
+            if len(items) == 1:
+                return [error]
+            log.warning("%s of %d failed (%s: %s); running each on its own", self._name, len(items),
+                        type(error).__name__, error)
+            return [await self._alone(item) for item in items]
         except Exception as error:
-            if len(batch) == 1:
-                results = [error]
-            else:
-                log.warning("%s of %d failed (%s: %s); running each on its own", self._name, len(batch),
-                            type(error).__name__, error)
-                results = [await self._alone(item) for item, _ in batch]
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            log.exception("%s of %d failed", self._name, len(items))
+            return [error for _ in items]
 
     async def _alone(self, item: T) -> R | Exception:
         try:
-            return (await self._run([item]))[0]
+            async with asyncio.timeout(self._timeout):
+                return (await self._run([item]))[0]
+        except TimeoutError:
+            return self._late()
         except Exception as error:
             return error
+
+
+class _Entry(Generic[T, R]):
+    """One submitted item: its future and its deadline (event-loop time)."""
+
+    __slots__ = ("deadline", "future", "item")
+
+    def __init__(self, item: T, future: asyncio.Future[R], deadline: float) -> None:
+        self.item = item
+        self.future = future
+        self.deadline = deadline

@@ -7,6 +7,7 @@ customer message cannot do without: a message id, a customer id and a usable tim
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,25 +76,43 @@ class OtherEvent:
     event_type: str
 
 
+class _NonFinite(ValueError):
+    """NaN, Infinity, or a number too large for a double: Python's json reads them, jsonb refuses them."""
+
+
+def _not_a_number(text: str) -> float:
+    raise _NonFinite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text[:40])
+    return value
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
     """Decode a webhook body into a JSON object, or raise `PayloadError`."""
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise PayloadError(f"body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except RecursionError:
         raise PayloadError("body is nested too deeply") from None
+    except _NonFinite as error:
+        raise PayloadError(f"body holds a number PostgreSQL cannot store (NaN, Infinity or out of range): "
+                           f"{error}") from None
     if not isinstance(value, dict):
         raise PayloadError(f"body must be a JSON object, not {type(value).__name__}")
     # Both walks below are skipped when the raw text rules them out (each cost ~3 % of an ingest worker):
-    # nesting needs an opening bracket per level; a decoded NUL can only come from the escape \u0000.
+    # nesting needs an opening bracket per level; NUL and lone surrogates only come from \u escapes.
     if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise PayloadError(f"body is nested more than {MAX_DEPTH} levels deep")
-    if b"\\u0000" not in body:
-        return value
-    cleaned: dict[str, Any] = _without_nul(value)
+    if b"\x00" not in body and b"\\u0000" not in body and b"\\ud" not in body and b"\\uD" not in body:
+        return value  # a UTF-16/32 body has NUL bytes: walked
+    cleaned: dict[str, Any] = _storable(value)
     return cleaned
 
 
@@ -110,14 +129,18 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _without_nul(value: Any) -> Any:
-    """Replace NUL characters, which PostgreSQL text cannot hold, with U+FFFD: keep the message, lose no text."""
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    """Replace what PostgreSQL text cannot hold — NUL, and lone UTF-16 surrogates (json decodes escapes such as
+    \\ud800 into them; proper pairs become one character) — with U+FFFD: keep the message, lose no text."""
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     return value
 
 
