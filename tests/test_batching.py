@@ -181,6 +181,36 @@ def test_an_item_past_its_deadline_is_not_started() -> None:
     assert batches == []
 
 
+def test_linger_never_delays_a_caller_of_an_idle_batcher() -> None:
+    async def main() -> list[list[object]]:
+        recorder = Recorder()
+        recorder.release.set()
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1, linger=3600)
+        task = asyncio.create_task(batcher.submit("alone"))
+        await settled(task.done)  # an hour's linger would never let this settle
+        return recorder.batches
+
+    assert asyncio.run(main()) == [["alone"]]
+
+
+def test_a_busy_batcher_lingers_so_the_next_batch_gathers_more() -> None:
+    """Items arriving one by one while a batch runs and during the linger go out together."""
+    async def main() -> list[list[object]]:
+        recorder = Recorder()
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1, linger=0.2)
+        first = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        second = asyncio.create_task(batcher.submit("second"))
+        await settled(lambda: batcher.waiting == 1)
+        recorder.release.set()
+        await first  # the batcher is now lingering with "second" waiting
+        third = asyncio.create_task(batcher.submit("third"))
+        await asyncio.gather(second, third)
+        return recorder.batches
+
+    assert asyncio.run(main()) == [["first"], ["second", "third"]]
+
+
 # -- the repository's batches on a real PostgreSQL -----------------------------------------------------------------
 
 def _message(wa_id: str, text: str, message_id: str) -> CustomerMessage:

@@ -35,13 +35,18 @@ class Batcher(Generic[T, R]):
     time). An item already past its deadline is not started; a statement that runs on past a caller's deadline
     is not cancelled for it (the others in its batch still get their answer) but is bounded by `timeout` from
     its own start.
+
+    `linger`: when items arrived while a batch ran (the batcher is busy), wait this long before starting the next
+    batch so that it gathers more; the first batch after a quiet spell starts at once, so an idle caller never
+    waits for it.
     """
 
     def __init__(
         self, run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]], *, timeout: float,
         rolled_back: tuple[type[Exception], ...] = (), max_size: int = 100, max_running: int = 2,
-        name: str = "batch",
+        name: str = "batch", linger: float = 0.0,
     ) -> None:
+        self._linger = linger
         self._run = run
         self._timeout = timeout
         self._rolled_back = rolled_back
@@ -97,8 +102,12 @@ class Batcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        busy = False
         try:
             while self._pending:
+                if busy and self._linger and len(self._pending) < self._max_size:
+                    await asyncio.sleep(self._linger)  # under load: let the next batch fill up a little
+                busy = True
                 taken, self._pending = self._pending[: self._max_size], self._pending[self._max_size:]
                 now = loop.time()
                 batch = []
