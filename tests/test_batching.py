@@ -211,6 +211,23 @@ def test_a_busy_batcher_lingers_so_the_next_batch_gathers_more() -> None:
     assert asyncio.run(main()) == [["first"], ["second", "third"]]
 
 
+def test_a_busy_batcher_with_a_large_next_batch_does_not_linger() -> None:
+    async def main() -> list[list[object]]:
+        recorder = Recorder()
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1, linger=3600,
+                                                   linger_below=2)
+        first = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        rest = [asyncio.create_task(batcher.submit(name)) for name in ("second", "third")]
+        await settled(lambda: batcher.waiting == 2)
+        recorder.release.set()
+        await settled(lambda: all(task.done() for task in rest))  # an hour's linger would never let this settle
+        await first
+        return recorder.batches
+
+    assert asyncio.run(main()) == [["first"], ["second", "third"]]
+
+
 # -- the repository's batches on a real PostgreSQL -----------------------------------------------------------------
 
 def _message(wa_id: str, text: str, message_id: str) -> CustomerMessage:

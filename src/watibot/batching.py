@@ -36,17 +36,20 @@ class Batcher(Generic[T, R]):
     is not cancelled for it (the others in its batch still get their answer) but is bounded by `timeout` from
     its own start.
 
-    `linger`: when items arrived while a batch ran (the batcher is busy), wait this long before starting the next
-    batch so that it gathers more; the first batch after a quiet spell starts at once, so an idle caller never
-    waits for it.
+    `linger`: when fewer than `linger_below` items arrived while a batch ran, wait this long before starting the
+    next batch so that it gathers more. The first batch after a quiet spell starts at once (an idle caller never
+    waits), and so does a batch that is already large: when every client is waiting on this worker's previous
+    batch, no more can arrive, and lingering would only be dead time (one worker under wrk -c64: 61 per batch
+    and a quarter less throughput with an unconditional linger).
     """
 
     def __init__(
         self, run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]], *, timeout: float,
         rolled_back: tuple[type[Exception], ...] = (), max_size: int = 100, max_running: int = 2,
-        name: str = "batch", linger: float = 0.0,
+        name: str = "batch", linger: float = 0.0, linger_below: int = 8,
     ) -> None:
         self._linger = linger
+        self._linger_below = linger_below
         self._run = run
         self._timeout = timeout
         self._rolled_back = rolled_back
@@ -105,7 +108,7 @@ class Batcher(Generic[T, R]):
         busy = False
         try:
             while self._pending:
-                if busy and self._linger and len(self._pending) < self._max_size:
+                if busy and self._linger and len(self._pending) < self._linger_below:
                     await asyncio.sleep(self._linger)  # under load: let the next batch fill up a little
                 busy = True
                 taken, self._pending = self._pending[: self._max_size], self._pending[self._max_size:]

@@ -443,9 +443,9 @@ class Repository:
         # Group commit (batching.py): webhooks, and each burst step, of this worker share statements and commits.
         # Each caller gets its answer, or DatabaseUnavailable, within the database timeout.
         t, server = self.timeout, (asyncpg.PostgresError,)
-        # Ingest runs one batch at a time per worker and, when busy, lets the next batch gather for 1 ms: fewer,
-        # larger commits. 4 workers under wrk -c64 (16 connections each), PostgreSQL 15 here: 5 webhooks per
-        # commit and 5.0-5.5 k/s without the pause (3 runs), 9-10 per commit and 5.7-5.9 k/s with it (2 runs).
+        # Ingest runs one batch at a time per worker and, when busy with small batches, lets the next one gather
+        # for 1 ms: fewer, larger commits. PostgreSQL 15 here, wrk -c64, 2 runs each: 4 workers 4.8-5.5 k/s and
+        # 5-7 webhooks per commit without it, 5.8-5.9 k/s and 9 per commit with it; 1 worker 4.6-5.1 -> 5.4-5.6 k/s.
         self.ingest_batches: Batcher[_Ingest, IngestResult] = Batcher(
             self._ingest_many, timeout=t, rolled_back=server, max_running=1, name="ingest", linger=0.001)
         self.begin_batches: Batcher[Claim, Burst | Closed | LeaseLost] = Batcher(
