@@ -79,60 +79,42 @@ def test_batches_are_capped_and_several_run_at_once() -> None:
     assert sorted(item for batch in batches for item in batch) == list(range(10))  # type: ignore[type-var]
 
 
+def batched_behind_a_first_one(recorder: Recorder, items: list[object], **options: Any) -> tuple[list[object], int]:
+    """Submit `items` while a first batch runs, so they go out together in the second; their results (errors as
+    values) and the number of batches `recorder` saw, re-runs included."""
+    async def main() -> tuple[list[object], int]:
+        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1, **options)
+        first = asyncio.create_task(batcher.submit("first"))
+        await settled(lambda: len(recorder.batches) == 1)
+        tasks = [asyncio.create_task(batcher.submit(item)) for item in items]
+        await settled(lambda: batcher.waiting == len(items))
+        recorder.release.set()
+        await first
+        return list(await asyncio.gather(*tasks, return_exceptions=True)), len(recorder.batches)
+
+    return asyncio.run(main())
+
+
 def test_a_failing_item_fails_alone() -> None:
     """A statement error rolls the batch back; each item is run again alone and only the bad one fails."""
-    async def main() -> list[object]:
-        recorder = Recorder(fail_on=3)
-        recorder.release.set()
-        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, rolled_back=(ValueError,), max_running=1)
-        recorder.release.clear()
-        blocker = asyncio.create_task(batcher.submit("first"))
-        await settled(lambda: len(recorder.batches) == 1)
-        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(6)]
-        await settled(lambda: batcher.waiting == 6)
-        recorder.release.set()
-        await blocker
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    results = asyncio.run(main())
+    results, batches = batched_behind_a_first_one(Recorder(fail_on=3), list(range(6)), rolled_back=(ValueError,))
     assert [r if not isinstance(r, Exception) else type(r).__name__ for r in results] == [
         "done 0", "done 1", "done 2", "ValueError", "done 4", "done 5"]
+    assert batches == 2 + 6
 
 
 def test_an_error_that_may_follow_the_commit_is_not_rerun() -> None:
     """Only errors declared `rolled_back` are re-run item by item; any other goes to every item of the batch."""
-    async def main() -> tuple[list[object], int]:
-        recorder = Recorder(fail_on=1, error=KeyError("decoding the answer failed"))
-        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, rolled_back=(ValueError,), max_running=1)
-        blocker = asyncio.create_task(batcher.submit("first"))
-        await settled(lambda: len(recorder.batches) == 1)
-        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(3)]
-        await settled(lambda: batcher.waiting == 3)
-        recorder.release.set()
-        await blocker
-        return await asyncio.gather(*tasks, return_exceptions=True), len(recorder.batches)
-
-    results, batches = asyncio.run(main())
+    recorder = Recorder(fail_on=1, error=KeyError("decoding the answer failed"))
+    results, batches = batched_behind_a_first_one(recorder, [0, 1, 2], rolled_back=(ValueError,))
     assert all(isinstance(result, KeyError) for result in results)
     assert batches == 2
 
 
 def test_an_unavailable_database_fails_the_whole_batch_without_rerunning_it() -> None:
     """Its outcome is unknown (it may have committed): nothing is run twice, every caller hears it."""
-    async def main() -> tuple[list[object], int]:
-        recorder = Recorder(fail_on=1, error=DatabaseUnavailable("connection lost"))
-        recorder.release.set()
-        batcher: Batcher[object, object] = Batcher(recorder, timeout=30, max_running=1)
-        recorder.release.clear()
-        blocker = asyncio.create_task(batcher.submit("first"))
-        await settled(lambda: len(recorder.batches) == 1)
-        tasks = [asyncio.create_task(batcher.submit(n)) for n in range(3)]
-        await settled(lambda: batcher.waiting == 3)
-        recorder.release.set()
-        await blocker
-        return await asyncio.gather(*tasks, return_exceptions=True), len(recorder.batches)
-
-    results, batches = asyncio.run(main())
+    recorder = Recorder(fail_on=1, error=DatabaseUnavailable("connection lost"))
+    results, batches = batched_behind_a_first_one(recorder, [0, 1, 2])
     assert all(isinstance(result, DatabaseUnavailable) for result in results)
     assert batches == 2
 
