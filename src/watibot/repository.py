@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
@@ -155,14 +155,14 @@ NEXT_DUE = """
 SELECT (SELECT min(due_at) FROM watibot.conversation WHERE due_at IS NOT NULL) - now() AS wait
 """
 
-# Conversation rows are locked in the order the caller gives (sorted by key, as every batch of burst steps is).
+# Conversation rows are locked in key byte order, as every batch locks them.
 HEARTBEAT = """
 WITH held AS (
     SELECT c.channel, c.customer
-    FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS h(channel, customer, fence, position)
+    FROM unnest($1::text[], $2::text[], $3::bigint[]) AS h(channel, customer, fence)
     JOIN watibot.conversation AS c
         ON c.channel = h.channel AND c.customer = h.customer AND c.fence = h.fence AND c.claimed_by = $5
-    ORDER BY h.position
+    ORDER BY c.channel COLLATE "C", c.customer COLLATE "C"
     FOR UPDATE OF c
 )
 UPDATE watibot.conversation AS c SET
@@ -174,22 +174,29 @@ RETURNING c.channel, c.customer
 """
 
 # The burst steps, for a batch of bursts (see batching.py): one statement calls the step's function (migrations
-# 0004, 0005) once per burst, in the order given — sorted by conversation key, so batches and the heartbeat lock
-# rows in one order. Each function locks its conversation row and checks the fence before it reads or writes.
+# 0004, 0005) once per burst, in conversation-key byte order (the subquery's ORDER BY: the order in which every
+# batch, ingest and the heartbeat lock conversation rows, so they never deadlock), and returns the results in the
+# order given. Each function locks its conversation row and checks the fence before it reads or writes.
 BEGIN_BURSTS = """
 SELECT b.*
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])
-    WITH ORDINALITY AS i(channel, customer, fence, owner, due_at, position)
+FROM (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])
+        WITH ORDINALITY AS i(channel, customer, fence, owner, due_at, position)
+    ORDER BY channel COLLATE "C", customer COLLATE "C"
+) AS i
 CROSS JOIN LATERAL watibot.begin_burst(i.channel, i.customer, i.fence, i.owner, i.due_at, $6, $7, $8, $9, $10) AS b
 ORDER BY i.position
 """
 
 FINISH_BURSTS = """
 SELECT b.*
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::integer[],
-            $9::text[], $10::text[], $11::timestamptz[], $12::boolean[])
-    WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
-                         agent_started_at, consume, position)
+FROM (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+                         $8::integer[], $9::text[], $10::text[], $11::timestamptz[], $12::boolean[])
+        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
+                             agent_started_at, consume, position)
+    ORDER BY channel COLLATE "C", customer COLLATE "C"
+) AS i
 CROSS JOIN LATERAL watibot.finish_burst(i.channel, i.customer, i.fence, i.owner, i.burst_id, i.status, i.error,
                                         i.parts_sent, i.prompt, i.reply, i.agent_started_at, i.consume,
                                         $13, $14, $15) AS b
@@ -200,10 +207,13 @@ ORDER BY i.position
 # the session window has closed (may_send false). held false: the fence no longer matches.
 MARK_SENDINGS = """
 SELECT b.*
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::integer[], $7::text[], $8::text[],
-            $9::integer[], $10::timestamptz[])
-    WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, prompt, reply, reply_parts,
-                         agent_started_at, position)
+FROM (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::integer[],
+                         $7::text[], $8::text[], $9::integer[], $10::timestamptz[])
+        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, prompt, reply, reply_parts,
+                             agent_started_at, position)
+    ORDER BY channel COLLATE "C", customer COLLATE "C"
+) AS i
 CROSS JOIN LATERAL watibot.mark_sending(i.channel, i.customer, i.fence, i.owner, $11, i.burst_id, i.part, $12,
                                         i.prompt, i.reply, i.reply_parts, i.agent_started_at) AS b
 ORDER BY i.position
@@ -399,19 +409,6 @@ class _Finish:
     consume: bool
 
 
-_Keyed = TypeVar("_Keyed", Claim, _Mark, _Finish)
-
-
-def _by_conversation(items: list[_Keyed]) -> list[_Keyed]:
-    """`items` in the one order in which every batch locks conversation rows (code point order of the key,
-    which is PostgreSQL's COLLATE "C"): two batches, or a batch and the heartbeat, never wait on each other in
-    a cycle."""
-    def key(item: _Keyed) -> tuple[str, str]:
-        claim = item if isinstance(item, Claim) else item.claim
-        return claim.channel, claim.customer
-    return sorted(items, key=key)
-
-
 def _claim_columns(claims: list[Claim]) -> tuple[list[str], list[str], list[int], list[str]]:
     return ([c.channel for c in claims], [c.customer for c in claims], [c.fence for c in claims],
             [c.owner for c in claims])
@@ -455,10 +452,6 @@ class Repository:
         self.finish_batches: Batcher[_Finish, float | LeaseLost | None] = Batcher(
             self._finish_many, timeout=t, rolled_back=server, name="finish")
 
-    async def _batched(self, batcher: Batcher[Any, Any], item: Any) -> Any:
-        """`item`'s result from its batch (a refused fence raises `LeaseLost`)."""
-        return await batcher.submit(item)
-
     async def _fetch_batch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with connection(self.pool, self.timeout) as conn:  # the Batcher bounds the whole wait
             return list(await conn.fetch(query, *args))
@@ -472,8 +465,7 @@ class Repository:
         clock for tests of the window rules; the service passes None. Raises `DatabaseUnavailable` within the
         database timeout: the sender gets a 503 in bounded time, never a hang.
         """
-        result: IngestResult = await self._batched(self.ingest_batches, _Ingest(message, arrived_at))
-        return result
+        return await self.ingest_batches.submit(_Ingest(message, arrived_at))
 
     async def _ingest_many(self, items: list[_Ingest]) -> list[IngestResult]:
         s = self.settings
@@ -536,12 +528,10 @@ class Repository:
         """Extend the leases of `claims`; returns the (channel, customer) keys still held."""
         if not claims:
             return set()
-        ordered = sorted(claims, key=lambda claim: (claim.channel, claim.customer))
         async with connection(self.pool, self.timeout) as conn:
             rows = await conn.fetch(
-                HEARTBEAT,
-                [claim.channel for claim in ordered], [claim.customer for claim in ordered],
-                [claim.fence for claim in ordered], self.settings.lease_seconds, owner,
+                HEARTBEAT, [claim.channel for claim in claims], [claim.customer for claim in claims],
+                [claim.fence for claim in claims], self.settings.lease_seconds, owner,
             )
         return {(row["channel"], row["customer"]) for row in rows}
 
@@ -566,19 +556,17 @@ class Repository:
         parts already accepted; one without a reply is rebuilt from the whole buffer. A conversation an
         operator took over waits for the pause to end; messages the operator answered are closed as `human`.
         """
-        begun: Burst | Closed = await self._batched(self.begin_batches, claim)
+        begun = await self.begin_batches.submit(claim)  # a refused fence raises LeaseLost
+        assert not isinstance(begun, LeaseLost)
         return begun
 
     async def _begin_many(self, claims: list[Claim]) -> list[Burst | Closed | LeaseLost]:
         s = self.settings
-        order = _by_conversation(claims)
         rows = await self._fetch_batch(
-            BEGIN_BURSTS, [c.channel for c in order], [c.customer for c in order], [c.fence for c in order],
-            [c.owner for c in order], [c.was_due_at for c in order],
+            BEGIN_BURSTS, *_claim_columns(claims), [c.was_due_at for c in claims],
             s.max_attempts, s.human_answered == "skip", *self._window_args(),
         )
-        begun = {id(claim): _begun(claim, row) for claim, row in zip(order, rows, strict=True)}
-        return [begun[id(claim)] for claim in claims]
+        return [_begun(claim, row) for claim, row in zip(claims, rows, strict=True)]
 
     async def _finish(
         self, claim: Claim, burst: Burst, status: str, *, error: str | None = None, parts_sent: int | None = None,
@@ -586,42 +574,38 @@ class Repository:
         consume: bool = True,
     ) -> float | None:
         finish = _Finish(claim, burst.id, status, error, parts_sent, prompt, reply, agent_started_at, consume)
-        wait: float | None = await self._batched(self.finish_batches, finish)
+        wait = await self.finish_batches.submit(finish)
+        assert not isinstance(wait, LeaseLost)
         return wait
 
     async def _finish_many(self, items: list[_Finish]) -> list[float | LeaseLost | None]:
-        order = _by_conversation(items)
         rows = await self._fetch_batch(
-            FINISH_BURSTS, *_claim_columns([f.claim for f in order]), [f.burst_id for f in order],
-            [f.status for f in order], [f.error for f in order], [f.parts_sent for f in order],
-            [f.prompt for f in order], [f.reply for f in order], [f.agent_started_at for f in order],
-            [f.consume for f in order], *self._window_args(),
+            FINISH_BURSTS, *_claim_columns([f.claim for f in items]), [f.burst_id for f in items],
+            [f.status for f in items], [f.error for f in items], [f.parts_sent for f in items],
+            [f.prompt for f in items], [f.reply for f in items], [f.agent_started_at for f in items],
+            [f.consume for f in items], *self._window_args(),
         )
-        done = {id(f): row["wait_seconds"] if row["held"] else _lost(f.claim)
-                for f, row in zip(order, rows, strict=True)}
-        return [done[id(f)] for f in items]
+        return [row["wait_seconds"] if row["held"] else _lost(f.claim) for f, row in zip(items, rows, strict=True)]
 
     async def mark_sending(self, claim: Claim, burst: Burst, part: int, reply: RecordedReply | None = None) -> bool:
         """Before part `part` goes to WATI: extend the lease, record the reply (if new), mark the part in flight.
 
         Returns False, marking nothing, when the customer's newest message is outside the session window.
         """
-        may_send: bool = await self._batched(self.mark_batches, _Mark(claim, burst.id, part, reply))
+        may_send = await self.mark_batches.submit(_Mark(claim, burst.id, part, reply))
+        assert not isinstance(may_send, LeaseLost)
         return may_send
 
     async def _mark_many(self, items: list[_Mark]) -> list[bool | LeaseLost]:
-        order = _by_conversation(items)
-        replies = [m.reply for m in order]
+        replies = [m.reply for m in items]
         rows = await self._fetch_batch(
-            MARK_SENDINGS, *_claim_columns([m.claim for m in order]), [m.burst_id for m in order],
-            [m.part for m in order], [r.prompt if r else None for r in replies],
+            MARK_SENDINGS, *_claim_columns([m.claim for m in items]), [m.burst_id for m in items],
+            [m.part for m in items], [r.prompt if r else None for r in replies],
             [r.text if r else None for r in replies], [r.parts if r else None for r in replies],
             [r.agent_started_at if r else None for r in replies],
             self.settings.lease_seconds, self.settings.session_window_hours * 3600,
         )
-        marked = {id(m): bool(row["may_send"]) if row["held"] else _lost(m.claim)
-                  for m, row in zip(order, rows, strict=True)}
-        return [marked[id(m)] for m in items]
+        return [bool(row["may_send"]) if row["held"] else _lost(m.claim) for m, row in zip(items, rows, strict=True)]
 
     async def mark_part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
         """WATI accepted part `part` (not the last one: `complete` records that)."""
