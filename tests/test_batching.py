@@ -9,13 +9,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.conftest import customer_message
 from tests.test_claim import Sql, make_due, run
 from watibot.batching import Batcher
-from watibot.db import DatabaseUnavailable, LeaseLost
+from watibot.db import DatabaseUnavailable, LeaseLost, StatementFailed
 from watibot.payload import CustomerMessage, parse_event
 from watibot.repository import Burst, Closed, IngestResult, RecordedReply, Repository
 
@@ -249,7 +248,8 @@ def test_a_message_the_database_refuses_fails_alone_in_its_batch(database_url: s
         return await asyncio.gather(*good[:5], repository.ingest(bad), *good[5:], return_exceptions=True)
 
     results = run(database_url, main)
-    assert isinstance(results[5], asyncpg.exceptions.ProgramLimitExceededError)
+    assert isinstance(results[5], StatementFailed)
+    assert results[5].sqlstate == "54000"  # program_limit_exceeded
     stored = [result for n, result in enumerate(results) if n != 5]
     assert all(isinstance(result, IngestResult) and not result.duplicate for result in stored)
     assert sql("SELECT count(*) FROM watibot.message") == [(10,)]

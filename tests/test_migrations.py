@@ -26,7 +26,7 @@ def test_upgrade_downgrade_upgrade(database_url: str, sql: Sql) -> None:
     assert tables(sql) == ["alembic_version"]
     db.upgrade(database_url)
     assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message",
-                           "pruned_burst_totals"]
+                           "pruned_burst_totals", "schema_compatibility"]
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 
@@ -120,5 +120,32 @@ def test_readyz_reports_a_schema_at_another_revision(
     db.downgrade(database_url, previous_revision())
     response = httpx.get(f"{app.url}/readyz")
     assert response.status_code == 503
-    assert response.json()["problems"] == [f"schema at {previous_revision()}, expected {db.SCHEMA_REVISION}"]
+    assert response.json()["problems"] == [
+        f"schema at {previous_revision()}, expected {db.SCHEMA_REVISION}: run `watibot migrate`"]
     assert httpx.get(f"{app.url}/healthz").status_code == 200, "liveness does not depend on the schema"
+
+
+def test_every_revision_declares_the_oldest_code_it_serves_in_history_order(sql: Sql) -> None:
+    """Each migration leaves a schema_compatibility row; positions follow the history and point backwards."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(db.alembic_config("postgresql://unused"))
+    history = [revision.revision for revision in reversed(list(script.walk_revisions()))]
+    rows = sql("SELECT revision, position, oldest_code_revision FROM watibot.schema_compatibility ORDER BY position")
+    assert [revision for revision, _, _ in rows] == history
+    assert [position for _, position, _ in rows] == list(range(1, len(history) + 1))
+    position = {revision: number for revision, number, _ in rows}
+    assert all(position[oldest] <= position[revision] for revision, _, oldest in rows)
+
+
+def test_compatibility_rule_serves_code_between_the_oldest_declared_and_the_schema() -> None:
+    """Code runs on its own revision or a later one that still serves it; never on an older or contracted one."""
+    rows = {"a": (1, "a"), "b": (2, "a"), "c": (3, "b"), "d": (4, "d")}
+    assert db.compatibility_problem("b", "b", rows) is None
+    assert db.compatibility_problem("b", "c", rows) is None  # expand: c serves b
+    assert db.compatibility_problem("a", "b", rows) is None
+    assert "serves code from b on" in (db.compatibility_problem("a", "c", rows) or "")  # contracted past a
+    assert "serves code from d on" in (db.compatibility_problem("c", "d", rows) or "")
+    assert "run `watibot migrate`" in (db.compatibility_problem("c", "b", rows) or "")  # schema older than code
+    assert "run `watibot migrate`" in (db.compatibility_problem("b", "a", {}) or "")  # before the table existed
+    assert "run `watibot migrate`" in (db.compatibility_problem("e", "d", rows) or "")  # code unknown to schema

@@ -192,9 +192,9 @@ def test_operator_commands_on_an_unmigrated_database_say_to_migrate(database_url
     for args in (["status"], ["dead"], ["prune", "--older-than", "30d"]):
         result = run(database_url, *args)
         assert result.returncode == 1
-        expected = f"schema is at {older}, this watibot expects {db.SCHEMA_REVISION}: run `watibot migrate`"
+        expected = f"schema at {older}, expected {db.SCHEMA_REVISION}: run `watibot migrate`"
         assert expected in result.stderr
         assert "Traceback" not in result.stderr
     db.downgrade(database_url, "base")
     result = run(database_url, "status")
-    assert (result.returncode, "schema is at nothing" in result.stderr) == (1, True)
+    assert (result.returncode, "schema is not migrated" in result.stderr) == (1, True)

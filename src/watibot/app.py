@@ -7,7 +7,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from watibot import db
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if active.sweeper:
             wati = TimedWatiClient(active, wati_http)
             pipeline = Pipeline(active, repository, build_agent(active, outbound), wati)
-            app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id())
+            app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id(active.host_name))
             set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
             log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
@@ -76,26 +76,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(WebhookFastPath)
     app.include_router(metrics_router)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process is up."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses={503: {"description": "Not ready; the body says why"}})
-    async def readyz() -> JSONResponse:
-        """Ready: database reachable, schema at the expected revision, sweeper alive in this worker."""
-        problems = []
-        try:
-            revision = await app.state.repository.schema_revision()
-            if revision != db.SCHEMA_REVISION:
-                problems.append(f"schema at {revision}, expected {db.SCHEMA_REVISION}")
-        except db.DatabaseUnavailable:
-            problems.append("database unavailable")
-        sweeper = app.state.sweeper
-        if sweeper is not None and not sweeper.alive:
-            problems.append("sweeper not running")
-        if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
+    app.add_api_route("/healthz", healthz, methods=["GET"],
+                      responses={503: {"description": "A background loop is wedged or has ended"}})
+    app.add_api_route("/readyz", readyz, methods=["GET"],
+                      responses={503: {"description": "Not ready; the body says why"}})
     return app
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Alive: the process answers and every background loop completed an iteration within
+    WATIBOT_LOOP_STALL_SECONDS (a failing iteration counts: a database outage is not this process's fault)."""
+    state = request.app.state
+    sweeper = state.sweeper
+    bound = state.settings.loop_stall_seconds
+    monitors = sweeper.monitors if sweeper is not None and not sweeper.stopping else ()
+    problems = [problem for monitor in monitors if (problem := monitor.problem(bound))]
+    if problems:
+        log.error("unhealthy: %s", "; ".join(problems))
+        return JSONResponse({"status": "unhealthy", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Ready: database reachable, schema serving this code's revision, sweeper alive in this worker."""
+    state = request.app.state
+    problems = []
+    try:
+        problem = await state.repository.schema_problem()
+        if problem is not None:
+            problems.append(problem)
+    except db.DatabaseUnavailable:
+        problems.append("database unavailable")
+    except db.DatabaseError as error:
+        problems.append(f"database error: {error}")
+    sweeper = state.sweeper
+    if sweeper is not None and not sweeper.alive:
+        problems.append("sweeper not running")
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})

@@ -83,11 +83,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         url = cluster.url()
     else:
         url = settings.database_url
+    migration_url = settings.migration_database_url or url
     metrics_directory, created = _metrics_directory()
     try:
         asyncio.run(db.wait_for_database(url, settings.db_startup_timeout_seconds))
         if not args.no_migrate:
-            db.upgrade(url)
+            if migration_url != url:
+                asyncio.run(db.wait_for_database(migration_url, settings.db_startup_timeout_seconds))
+            db.upgrade(migration_url)
+        _check_connection_budget(settings, url, migration_url, args.workers)
         os.environ["WATIBOT_DATABASE_URL"] = url
         uvicorn.run(
             "watibot.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
@@ -104,10 +108,33 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_connection_budget(settings: Settings, url: str, migration_url: str, workers: int) -> None:
+    """Warn when this serve's own connections (workers x pool size) cannot fit what PostgreSQL has free."""
+    needed = workers * settings.db_pool_size
+    if migration_url != url:
+        log.info("connections go through a pooler (WATIBOT_MIGRATION_DATABASE_URL differs): this serve opens up "
+                 "to %d (%d workers x WATIBOT_DB_POOL_SIZE %d) to it; PostgreSQL sees at most the pooler's pool",
+                 needed, workers, settings.db_pool_size)
+        return
+    try:
+        budget = asyncio.run(db.connection_budget(url, settings.db_timeout_seconds))
+    except db.DatabaseError as error:
+        log.warning("could not read the connection budget: %s", error)
+        return
+    if needed > budget.free:
+        log.warning(
+            "connection budget: this serve may open %d connections (%d workers x WATIBOT_DB_POOL_SIZE %d) but "
+            "PostgreSQL has %d free (max_connections %d, %d reserved, %d in use by others): lower the pool or "
+            "the workers, raise max_connections, or put PgBouncer in front (deploy/README.md, Connection budget)",
+            needed, workers, settings.db_pool_size, budget.free, budget.max_connections, budget.reserved,
+            budget.in_use)
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     with _database(settings) as url:
-        asyncio.run(db.wait_for_database(url, settings.db_startup_timeout_seconds))
-        db.upgrade(url, args.revision)
+        target = settings.migration_database_url or url
+        asyncio.run(db.wait_for_database(target, settings.db_startup_timeout_seconds))
+        db.upgrade(target, args.revision)
     print(f"watibot: database at {args.revision}", file=sys.stderr)
     return EXIT_OK
 
@@ -147,10 +174,12 @@ async def _with_current_schema(settings: Settings, action: Callable[[Any], Any])
     """As `_with_repository`, after checking the schema revision (a clear message instead of a missing view)."""
 
     async def checked(repository: Any) -> Any:
-        revision = await repository.migrated_revision()
-        if revision != db.SCHEMA_REVISION:
-            raise _SchemaMismatch(f"the database schema is at {revision or 'nothing'}, this watibot expects "
+        if await repository.migrated_revision() is None:
+            raise _SchemaMismatch(f"the database schema is not migrated, this watibot expects "
                                   f"{db.SCHEMA_REVISION}: run `watibot migrate`")
+        problem = await repository.schema_problem()
+        if problem is not None:
+            raise _SchemaMismatch(problem)
         return await action(repository)
 
     return await _with_repository(settings, checked)
@@ -354,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.handler(settings, args))
-    except (db.DatabaseUnavailable, _SchemaMismatch) as error:
+    except (db.DatabaseError, _SchemaMismatch) as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -1,7 +1,15 @@
 """Connection pool, database URL resolution and the translation of driver errors.
 
-The rest of the code never names `asyncpg` exceptions: everything that means "the database is not there right
-now" becomes `DatabaseUnavailable`.
+The rest of the code never names `asyncpg` exceptions. Every driver or server error becomes one of watibot's
+family, `DatabaseError`, at this boundary (`translate_errors`, which `connection()` applies):
+
+- `DatabaseUnavailable`: not reachable, no answer in time, or not taking writes right now (a shutdown, too many
+  connections, a read-only standby during a failover). An operation in flight may or may not have committed.
+- `StatementFailed`: the server reported an error for the statement and rolled it back (a deadlock, a
+  serialization failure, a function or column this code expects and the schema lacks, a value it refuses).
+
+Both carry the SQLSTATE when the server gave one. A webhook answers 503 for either (nothing was stored); a
+background loop logs it and tries again.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,44 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0005_batched_steps"
+SCHEMA_REVISION = "0006_schema_compatibility"
 
 
-class DatabaseUnavailable(Exception):
-    """The database could not be reached or did not answer in time."""
+def compatibility_problem(code: str, schema: str | None, rows: dict[str, tuple[int, str]]) -> str | None:
+    """Why code at revision `code` must not run on a schema at `schema`, or None when it may.
+
+    `rows` is watibot.schema_compatibility (revision -> (position, oldest code revision served)); empty on a
+    schema older than that table. Code may run on its own revision, and on a later one whose oldest served code
+    revision is not after it (see migration 0006).
+    """
+    if schema == code:
+        return None
+    if schema is None:
+        return f"the database schema is not migrated; this code needs {code}: run `watibot migrate`"
+    here, at = rows.get(code), rows.get(schema)
+    if here is None or at is None or at[0] < here[0]:
+        return f"schema at {schema}, expected {code}: run `watibot migrate`"
+    oldest = rows.get(at[1])
+    if oldest is None or oldest[0] > here[0]:
+        return (f"schema at {schema} serves code from {at[1]} on; this code is at {code}: "
+                "upgrade it (the schema was contracted past it)")
+    return None
+
+
+class DatabaseError(Exception):
+    """A database operation failed; `sqlstate` is the server's error code when it sent one."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached, did not answer in time, or does not take writes right now."""
+
+
+class StatementFailed(DatabaseError):
+    """The server refused a statement and rolled it back; nothing of it was committed."""
 
 
 class LeaseLost(Exception):
@@ -47,13 +89,32 @@ _UNAVAILABLE = (
 )
 
 
+# Server errors that say "not now" rather than "not this statement": 25006 a read-only transaction (what a
+# service meets when its DSN reaches a standby, before or during a failover).
+_UNAVAILABLE_SQLSTATES = frozenset({"25006"})
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message`, with the SQLSTATE when the error carries one (for logs)."""
+    sqlstate = getattr(error, "sqlstate", None)
+    text = f"{type(error).__name__}: {error}"
+    return f"{text} (SQLSTATE {sqlstate})" if sqlstate and f"SQLSTATE {sqlstate}" not in text else text
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn connection-level driver errors into `DatabaseUnavailable`."""
+    """Turn every driver and server error into the `DatabaseError` family."""
     try:
         yield
+    except DatabaseError:
+        raise
     except _UNAVAILABLE as error:
-        raise DatabaseUnavailable(f"{type(error).__name__}: {error}") from error
+        sqlstate = getattr(error, "sqlstate", None)
+        raise DatabaseUnavailable(describe_error(error), sqlstate) from error
+    except asyncpg.exceptions.PostgresError as error:
+        sqlstate = getattr(error, "sqlstate", None)
+        family = DatabaseUnavailable if sqlstate in _UNAVAILABLE_SQLSTATES else StatementFailed
+        raise family(describe_error(error), sqlstate) from error
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
@@ -113,6 +174,40 @@ async def wait_for_database(url: str, timeout: float) -> None:  # noqa: ASYNC109
             log.warning("database not reachable (%s); retrying in %.1f s", type(error).__name__, delay)
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBudget:
+    """What PostgreSQL can still accept: `free` = max_connections - reserved - in use (by others)."""
+
+    max_connections: int
+    reserved: int
+    in_use: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.max_connections - self.reserved - self.in_use)
+
+
+CONNECTION_BUDGET = """
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int
+         + COALESCE(NULLIF(current_setting('reserved_connections', true), '')::int, 0) AS reserved,
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())
+         AS in_use
+"""
+
+
+async def connection_budget(url: str, timeout: float) -> ConnectionBudget:  # noqa: ASYNC109 - a call timeout
+    """Read the server's connection limits and use (one short connection)."""
+    with translate_errors():
+        conn = await asyncpg.connect(url, timeout=timeout, command_timeout=timeout, statement_cache_size=0)
+        try:
+            row = await conn.fetchrow(CONNECTION_BUDGET)
+        finally:
+            await conn.close()
+    assert row is not None
+    return ConnectionBudget(row["max_connections"], row["reserved"], row["in_use"])
 
 
 def embedded_cluster(settings: Settings) -> EmbeddedCluster:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from watibot.db import DatabaseUnavailable
+from watibot.db import DatabaseError
 from watibot.metrics import count_webhook
 from watibot.payload import (
     CustomerMessage,
@@ -183,13 +183,13 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
         return _ok("ignored")
     try:
         return _ok(await _store(state, parsed))
-    except DatabaseUnavailable as error:
-        log.warning("webhook refused, database unavailable: %s", error)
+    except DatabaseError as error:
+        log.warning("webhook refused, nothing stored: %s", error)
         return _error(503, "database unavailable; nothing was stored, retry later", {"Retry-After": "5"}), None
 
 
 async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
-    """Commit what the event means; returns the status to answer. Raises DatabaseUnavailable."""
+    """Commit what the event means; returns the status to answer. Raises DatabaseError (nothing stored)."""
     if isinstance(event, OperatorMessage):
         return "paused" if await state.repository.operator_message(event) else "ignored"
     if isinstance(event, DeliveryUpdate):

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from watibot.clients import SendRejected, SendUnknown, WatiClient
-from watibot.db import DatabaseUnavailable
+from watibot.db import DatabaseError
 from watibot.repository import Claim, OperatorRepository
 
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
@@ -168,7 +168,7 @@ async def metrics(request: Request) -> Response:
     health: dict[str, Any] | None
     try:
         health, totals = await repository.metrics_snapshot()
-    except DatabaseUnavailable:
+    except DatabaseError:
         health, totals = None, []
     database = CollectorRegistry()
     database.register(_Snapshot(database_metrics(health, totals)))

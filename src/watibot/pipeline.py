@@ -7,13 +7,12 @@ import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from watibot import metrics
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
-from watibot.db import DatabaseUnavailable, LeaseLost
+from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
 from watibot.repository import BufferedMessage, Burst, Claim, Closed, RecordedReply, Repository
 from watibot.settings import Settings
@@ -64,7 +63,7 @@ class Pipeline:
         """Begin (or resume) the burst, or report why there is none to run."""
         try:
             begun = await self.repository.begin_burst(claim)
-        except (LeaseLost, DatabaseUnavailable) as error:
+        except (LeaseLost, DatabaseError) as error:
             log.warning("could not begin burst: %s", error, extra=context)
             return None
         if isinstance(begun, Closed):
@@ -97,8 +96,8 @@ class Pipeline:
             await self._failed(claim, burst, error, context)
         except LeaseLost:
             log.warning("lost the claim; another worker owns the conversation now", extra=context)
-        except DatabaseUnavailable as error:
-            log.error("database unavailable mid-burst (%s); the lease will hand it over", error, extra=context)
+        except DatabaseError as error:
+            log.error("database error mid-burst (%s); the lease will hand it over", error, extra=context)
         except asyncio.CancelledError:
             if not sending:
                 await self._hand_back(claim, burst, context)
@@ -152,7 +151,7 @@ class Pipeline:
         while True:
             try:
                 return await write()
-            except DatabaseUnavailable:
+            except DatabaseError:
                 if loop.time() + delay >= deadline:
                     raise
                 await asyncio.sleep(delay)
@@ -183,7 +182,7 @@ class Pipeline:
             conversation=f"{claim.channel}/{claim.customer}", wa_id=claim.wa_id, burst_id=burst.id,
             messages=messages, prompt=build_prompt(messages), history=history,
         )
-        started = datetime.now(UTC)
+        started = claim.database_now()  # the database clock: hosts' clocks may be skewed
         try:
             async with asyncio.timeout(self.settings.agent_timeout_seconds):
                 text = await self.agent.reply(request)
@@ -224,13 +223,13 @@ class Pipeline:
         try:
             await self.repository.retry_later(claim, burst, str(error), delay)
             self.schedule_hint(delay)
-        except (LeaseLost, DatabaseUnavailable) as db_error:
+        except (LeaseLost, DatabaseError) as db_error:
             log.warning("could not schedule retry: %s", db_error, extra=context)
 
     async def _close(self, claim: Claim, burst: Burst, status: str, reason: str, context: dict[str, object]) -> None:
         try:
             self.schedule_hint(await self.repository.give_up(claim, burst, status, reason))
-        except (LeaseLost, DatabaseUnavailable) as db_error:
+        except (LeaseLost, DatabaseError) as db_error:
             log.warning("could not mark burst %s: %s", status, db_error, extra=context)
 
     async def _hand_back(self, claim: Claim, burst: Burst, context: dict[str, object]) -> None:
@@ -238,5 +237,5 @@ class Pipeline:
             # wait_for, not asyncio.timeout: this runs while the task is being cancelled
             await asyncio.wait_for(self.repository.hand_back(claim, burst), self.settings.db_timeout_seconds)
             log.info("handed the claim back", extra=context)
-        except (LeaseLost, DatabaseUnavailable, TimeoutError) as error:
+        except (LeaseLost, DatabaseError, TimeoutError) as error:
             log.warning("could not hand back the claim (%s); its lease will expire", error, extra=context)

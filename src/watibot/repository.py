@@ -9,15 +9,17 @@ run through `batching.Batcher`: concurrent callers share one statement and one c
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from watibot.batching import Batcher
-from watibot.db import LeaseLost, connection
+from watibot.db import SCHEMA_REVISION as SCHEMA_REVISION_OF_CODE
+from watibot.db import LeaseLost, StatementFailed, compatibility_problem, connection
 from watibot.payload import CustomerMessage, DeliveryUpdate, OperatorMessage
 from watibot.settings import Settings
 
@@ -148,7 +150,7 @@ UPDATE watibot.conversation AS c SET
     updated_at = now()
 FROM due
 WHERE c.channel = due.channel AND c.customer = due.customer
-RETURNING c.channel, c.customer, c.wa_id, c.fence, due.previous_owner, due.was_due_at
+RETURNING c.channel, c.customer, c.wa_id, c.fence, due.previous_owner, due.was_due_at, c.claimed_at
 """
 
 NEXT_DUE = """
@@ -304,6 +306,13 @@ LIMIT 1
 
 SCHEMA_REVISION = "SELECT version_num FROM watibot.alembic_version"
 
+# The schema's revision and, since 0006, which code revisions each schema revision serves (db.compatibility_problem).
+SCHEMA_COMPATIBILITY = """
+SELECT (SELECT version_num FROM watibot.alembic_version) AS revision,
+       to_regclass('watibot.schema_compatibility') IS NOT NULL AS declared
+"""
+COMPATIBILITY_ROWS = "SELECT revision, position, oldest_code_revision FROM watibot.schema_compatibility"
+
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -324,6 +333,13 @@ class Claim:
     owner: str
     previous_owner: str | None
     was_due_at: datetime | None
+    claimed_at: datetime | None = None  # the database clock at the claim
+    claimed_monotonic: float = field(default_factory=time.monotonic)  # this host's monotonic clock then
+
+    def database_now(self) -> datetime:
+        """The database clock now, as measured from the claim: host clocks may be skewed, elapsed time is not."""
+        base = self.claimed_at or datetime.now(UTC)
+        return base + timedelta(seconds=time.monotonic() - self.claimed_monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +455,7 @@ class Repository:
         self.timeout = settings.db_timeout_seconds
         # Group commit (batching.py): webhooks, and each burst step, of this worker share statements and commits.
         # Each caller gets its answer, or DatabaseUnavailable, within the database timeout.
-        t, server = self.timeout, (asyncpg.PostgresError,)
+        t, server = self.timeout, (StatementFailed,)
         # Ingest runs one batch at a time per worker and, when busy with small batches, lets the next one gather
         # for 1 ms: fewer, larger commits. PostgreSQL 15 here, wrk -c64, 2 runs each: 4 workers 4.8-5.5 k/s and
         # 5-7 webhooks per commit without it, 5.8-5.9 k/s and 9 per commit with it; 1 worker 4.6-5.1 -> 5.4-5.6 k/s.
@@ -515,7 +531,7 @@ class Repository:
             rows = await conn.fetch(CLAIM_DUE, limit, owner, self.settings.lease_seconds)
         return [
             Claim(row["channel"], row["customer"], row["wa_id"], row["fence"], owner, row["previous_owner"],
-                  row["was_due_at"])
+                  row["was_due_at"], row["claimed_at"])
             for row in rows
         ]
 
@@ -688,6 +704,17 @@ class Repository:
         """The alembic revision the database is at."""
         async with connection(self.pool, self.timeout) as conn:
             return await conn.fetchval(SCHEMA_REVISION)  # type: ignore[no-any-return]
+
+    async def schema_problem(self) -> str | None:
+        """Why this code must not run on the database's schema (db.compatibility_problem), or None."""
+        async with connection(self.pool, self.timeout) as conn:
+            row = await conn.fetchrow(SCHEMA_COMPATIBILITY)
+            assert row is not None
+            rows = {}
+            if row["declared"]:
+                rows = {r["revision"]: (r["position"], r["oldest_code_revision"])
+                        for r in await conn.fetch(COMPATIBILITY_ROWS)}
+        return compatibility_problem(SCHEMA_REVISION_OF_CODE, row["revision"], rows)
 
     async def get_or_create_secret(self, name: str, candidate: str) -> str:
         """Return the stored secret `name`, storing `candidate` first if there is none."""

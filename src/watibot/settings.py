@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL DSN (postgresql://user@host:port/db). Unset: an embedded server under DATA_DIR.",
     )
+    migration_database_url: str | None = Field(
+        default=None,
+        description="DSN that migrations use (serve's startup migration, `watibot migrate`) when the service's "
+        "DSN is a transaction-pooling PgBouncer: PostgreSQL directly, or a session pool. Unset: DATABASE_URL.",
+    )
     data_dir: Path = Field(default=Path(".watibot"), description="Where the embedded PostgreSQL keeps its data.")
     webhook_passkey: SecretStr | None = Field(
         default=None,
@@ -99,6 +104,15 @@ class Settings(BaseSettings):
         description="Prepared statements cached per connection; 0 behind PgBouncer in transaction pooling mode.",
     )
     sweeper: bool = Field(default=True, description="Run the sweeper loop in this process.")
+    host_name: str | None = Field(
+        default=None, min_length=1, max_length=100, pattern=r"^[^\s:]+$",
+        description="This host's name in worker ids (host:pid:random, as in claimed_by). Unset: the hostname.",
+    )
+    loop_stall_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=60.0,
+        description="/healthz fails when a background loop (claim loop, heartbeat) has not completed an "
+        "iteration for this long: the process is wedged and should be restarted.",
+    )
     log_level: str = "info"
     log_format: LogFormat = Field(default=LogFormat.TEXT, description="text (readable) or json (one object a line).")
 
@@ -125,7 +139,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migration_database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
@@ -145,9 +159,21 @@ class Settings(BaseSettings):
                 "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS "
                 "(a send must finish inside the lease that fences it)"
             )
+        slowest = max(self.heartbeat_seconds, self.loop_backoff_max_seconds) + 2 * self.db_timeout_seconds
+        if self.loop_stall_seconds <= slowest:
+            raise ValueError(
+                f"WATIBOT_LOOP_STALL_SECONDS must exceed {slowest:g} s, the longest a healthy loop iteration takes: "
+                "its sleep (at most LEASE_SECONDS / 3, or 10 x POLL_SECONDS capped at 10 s while failing) plus "
+                "two DB_TIMEOUT_SECONDS (a pool wait and a statement)"
+            )
         if self.buffer_mode is BufferMode.SLIDING and self.buffer_max_seconds < self.buffer_seconds:
             raise ValueError("WATIBOT_BUFFER_MAX_SECONDS must be at least WATIBOT_BUFFER_SECONDS")
         return self
+
+    @property
+    def loop_backoff_max_seconds(self) -> float:
+        """The longest a failing background loop waits before its next try."""
+        return max(self.poll_seconds, min(10.0, 10 * self.poll_seconds))
 
     @property
     def heartbeat_seconds(self) -> float:

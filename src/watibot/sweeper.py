@@ -3,6 +3,11 @@
 Polling the database is the source of truth. The loop sleeps until the earliest `due_at` (at most
 `WATIBOT_POLL_SECONDS`) and is woken sooner by hints: a webhook in this process that scheduled a conversation,
 a burst that finished and left a new one due, a free slot.
+
+Both loops (claims, heartbeat) survive every error: `loops.LoopMonitor` logs it, backs off and keeps the
+progress clock that `/healthz` reads. The claim loop also re-reads the schema's compatibility every
+`SCHEMA_CHECK_SECONDS` and claims nothing while the schema no longer serves this code (a rolling upgrade's
+contract step): the workers of the new release take over.
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ import os
 import secrets
 import socket
 
-from watibot.db import DatabaseUnavailable
+from watibot.loops import LoopMonitor
 from watibot.pipeline import Pipeline
 from watibot.repository import Claim, Repository
 from watibot.settings import Settings
 
 log = logging.getLogger("watibot.sweeper")
+SCHEMA_CHECK_SECONDS = 5.0
 
 
-def new_owner_id() -> str:
+def new_owner_id(host: str | None = None) -> str:
     """A worker id that is fresh for every process start: host, pid and a random part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{host or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Sweeper:
@@ -40,6 +46,11 @@ class Sweeper:
         self._wake_at = float("inf")
         self._loop_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        backoff = {"backoff_base": settings.poll_seconds, "backoff_max": settings.loop_backoff_max_seconds}
+        self.claim_monitor = LoopMonitor("claim", **backoff)
+        self.heartbeat_monitor = LoopMonitor("heartbeat", **backoff)
+        self.schema_problem: str | None = None  # set while the schema does not serve this code
+        self._schema_checked_at = float("-inf")
         pipeline.schedule_hint = self.hint
 
     def hint(self, wait_seconds: float | None) -> None:
@@ -57,20 +68,32 @@ class Sweeper:
         """Whether the claim loop is running (for /readyz)."""
         return self._loop_task is not None and not self._loop_task.done() and not self._stopping
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() has begun (the loops end then, as they should)."""
+        return self._stopping
+
+    @property
+    def monitors(self) -> tuple[LoopMonitor, ...]:
+        """The background loops of this worker, for /healthz."""
+        return self.claim_monitor, self.heartbeat_monitor
+
     def start(self) -> None:
         """Start the claim loop and the heartbeat as tasks of the running loop."""
         self._loop_task = asyncio.create_task(self._run(), name="watibot-sweeper")
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="watibot-heartbeat")
+        self.claim_monitor.task = self._loop_task
+        self.heartbeat_monitor.task = self._heartbeat_task
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 wait = await self._sweep_once()
-            except DatabaseUnavailable as error:
-                wait = None
-                log.warning("sweep failed (%s); next try in %.1f s", error, self.settings.poll_seconds)
-            wait = self.settings.poll_seconds if wait is None else min(wait, self.settings.poll_seconds)
+                self.claim_monitor.succeeded()
+                wait = self.settings.poll_seconds if wait is None else min(wait, self.settings.poll_seconds)
+            except Exception as error:
+                wait = self.claim_monitor.failed(error)
             self._wake_at = loop.time() + max(0.0, wait)
             # Sleep until _wake_at; a hint moves it earlier and sets the event so the sleep is re-measured.
             while not self._stopping and (remaining := self._wake_at - loop.time()) > 0:
@@ -81,8 +104,24 @@ class Sweeper:
                 except TimeoutError:
                     pass
 
+    async def _check_schema(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._schema_checked_at < SCHEMA_CHECK_SECONDS:
+            return
+        problem = await self.repository.schema_problem()
+        self._schema_checked_at = loop.time()
+        if problem != self.schema_problem:
+            if problem:
+                log.error("not claiming: %s", problem)
+            else:
+                log.info("the schema serves this code: claiming")
+        self.schema_problem = problem
+
     async def _sweep_once(self) -> float | None:
         """Claim what is due into free slots; returns seconds until the next look is needed."""
+        await self._check_schema()
+        if self.schema_problem is not None:
+            return None
         free = self.settings.concurrency - len(self.in_flight)
         if free > 0:
             claims = await self.repository.claim_due(self.owner, min(free, self.settings.claim_batch))
@@ -114,25 +153,29 @@ class Sweeper:
         """Extend every held lease on a timer, independent of how long the agent takes."""
         loop = asyncio.get_running_loop()
         last_success = loop.time()
+        wait = self.settings.heartbeat_seconds
         while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
+            await asyncio.sleep(wait)
+            wait = self.settings.heartbeat_seconds
             held = list(self.in_flight.values())
-            if not held:
-                last_success = loop.time()
-                continue
             try:
                 still_held = await self.repository.heartbeat(self.owner, [claim for claim, _ in held])
                 last_success = loop.time()
-            except DatabaseUnavailable as error:
-                log.warning("heartbeat failed: %s", error)
+                self.heartbeat_monitor.succeeded()
+            except Exception as error:
+                wait = min(wait, self.heartbeat_monitor.failed(error))
                 if loop.time() - last_success < self.settings.lease_seconds:
                     continue
                 still_held = set()  # the leases may have expired: another worker may own them now
-            for claim, task in held:
-                if (claim.channel, claim.customer) not in still_held and not task.done():
-                    log.warning("lease lost for %s/%s; stopping its burst", claim.channel, claim.customer,
-                                extra={"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence})
-                    task.cancel()
+            self._cancel_lost(held, still_held)
+
+    def _cancel_lost(self, held: list[tuple[Claim, asyncio.Task[None]]], still_held: set[tuple[str, str]]) -> None:
+        """Stop the bursts whose claims this worker no longer holds."""
+        for claim, task in held:
+            if (claim.channel, claim.customer) not in still_held and not task.done():
+                log.warning("lease lost for %s/%s; stopping its burst", claim.channel, claim.customer,
+                            extra={"conversation": f"{claim.channel}/{claim.customer}", "fence": claim.fence})
+                task.cancel()
 
     async def stop(self) -> None:
         """Stop claiming; let in-flight bursts finish within the grace period, then hand back the rest."""
