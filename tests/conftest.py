@@ -7,8 +7,10 @@ template database; each test gets `CREATE DATABASE … TEMPLATE` and it is dropp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 import pytest
 import uvicorn
@@ -290,3 +293,98 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+# -- the fault rig: a cluster of one module's own, `watibot serve` trees, and what they hold --------------------
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """A PostgreSQL cluster owned by the test module (stopped, restarted, reconfigured by its tests), never the
+    machine's shared server."""
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("faultpg"), durable=False)
+    cluster.start()
+    yield cluster
+    cluster.stop("immediate")
+
+
+@pytest.fixture
+def fault_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
+    """A fresh migrated database on the fault cluster (which is running again after the test)."""
+    fault_cluster.start()
+    name = f"fault_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    url = fault_cluster.url(name)
+    db.upgrade(url)
+    yield url
+    fault_cluster.start()
+    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fault_sql(fault_db: str) -> Sql:
+    """Run a query on the fault database, reconnecting each time (the server may have restarted)."""
+
+    def run(query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(fault_db, autocommit=True) as conn:
+            cursor = conn.execute(query, params or None)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    return run
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `watibot serve` trees (not waiting for readiness); all are stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(env: dict[str, str], workers: int = 1) -> ServeProcess:
+        process = ServeProcess(env, workers, tmp_path / f"serve-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        resume_stopped(process)
+        process.stop()
+
+
+def resume_stopped(process: ServeProcess) -> None:
+    """SIGCONT the serve parent and its workers (a test may have stopped some)."""
+    for child in [process.process.pid, *(worker.pid for worker in children(process))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+
+
+def children(process: ServeProcess) -> list[psutil.Process]:
+    """The uvicorn worker processes of a serve tree (not multiprocessing's resource tracker)."""
+    try:
+        found = psutil.Process(process.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    workers = []
+    for child in found:
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def holders(sql: Sql) -> dict[int, list[str]]:
+    """Worker pid -> conversations it holds, from the owner ids (host:pid:random) in the claim column."""
+    held: dict[int, list[str]] = {}
+    for owner, customer in sql("SELECT claimed_by, customer FROM watibot.conversation WHERE claimed_by IS NOT NULL"):
+        held.setdefault(int(owner.split(":")[1]), []).append(customer)
+    return held
+
+
+def post(process: ServeProcess, payload: dict[str, Any], timeout: float = 10) -> int:
+    """POST one webhook to a serve tree; its HTTP status."""
+    return httpx.post(f"{process.url}/webhook", params={"passkey": PASSKEY}, json=payload,
+                      timeout=timeout).status_code

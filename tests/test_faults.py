@@ -4,118 +4,24 @@ by the tests), a fake WATI and a fake agent. After every scenario: no acknowledg
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import psutil
-import psycopg
 import pytest
 
-from tests.conftest import ServeProcess, serve_environment, wait_until
+from tests.conftest import ServeProcess, children, holders, post, serve_environment, wait_until
 from tests.fakes import Answer, FakeAgent, FakeWati
 from tests.invariants import Load, check_invariant, message, wait_drained
-from watibot import db
 from watibot.embedded import EmbeddedCluster
 
 pytestmark = pytest.mark.processes
 Sql = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture(scope="module")
-def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
-    """A PostgreSQL cluster owned by this module, never the machine's shared server."""
-    cluster = EmbeddedCluster(tmp_path_factory.mktemp("faultpg"), durable=False)
-    cluster.start()
-    yield cluster
-    cluster.stop("immediate")
-
-
-@pytest.fixture
-def fault_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
-    """A fresh migrated database on the fault cluster (which is running again after the test)."""
-    fault_cluster.start()
-    name = f"fault_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    url = fault_cluster.url(name)
-    db.upgrade(url)
-    yield url
-    fault_cluster.start()
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def fault_sql(fault_db: str) -> Sql:
-    """Run a query on the fault database, reconnecting each time (the server may have restarted)."""
-
-    def run(query: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(fault_db, autocommit=True) as conn:
-            cursor = conn.execute(query, params or None)  # type: ignore[arg-type]
-            return cursor.fetchall() if cursor.description else []
-
-    return run
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """Start `watibot serve` trees (not waiting for readiness); all are stopped after the test."""
-    started: list[ServeProcess] = []
-
-    def start(env: dict[str, str], workers: int = 1) -> ServeProcess:
-        process = ServeProcess(env, workers, tmp_path / f"serve-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        with_stopped_children_resumed(process)
-        process.stop()
-
-
-def with_stopped_children_resumed(process: ServeProcess) -> None:
-    for child in [process.process.pid, *(worker.pid for worker in _children(process))]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGCONT)
-
-
-def _children(process: ServeProcess) -> list[psutil.Process]:
-    """The uvicorn worker processes of a serve tree (not multiprocessing's resource tracker)."""
-    try:
-        children = psutil.Process(process.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    workers = []
-    for child in children:
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                workers.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return workers
-
-
-def holders(sql: Sql) -> dict[int, list[str]]:
-    """Worker pid -> conversations it holds, from the owner ids in the claim column."""
-    held: dict[int, list[str]] = {}
-    for owner, customer in sql("SELECT claimed_by, customer FROM watibot.conversation WHERE claimed_by IS NOT NULL"):
-        held.setdefault(int(owner.split(":")[1]), []).append(customer)
-    return held
-
-
-def post(process: ServeProcess, payload: dict[str, Any]) -> int:
-    from tests.conftest import PASSKEY
-
-    return httpx.post(f"{process.url}/webhook", params={"passkey": PASSKEY}, json=payload, timeout=10).status_code
 
 
 def test_kill_9_of_a_worker_holding_bursts_is_completed_by_another_after_the_lease(
@@ -349,7 +255,7 @@ def test_soak_with_worker_kills_wati_errors_and_a_database_restart(
         while time.monotonic() - started < seconds and load._thread.is_alive():
             now = time.monotonic()
             if now >= next_kill:
-                workers = _children(serve)
+                workers = children(serve)
                 if workers:
                     rng.choice(workers).kill()
                     kills += 1
