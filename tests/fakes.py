@@ -6,9 +6,7 @@ can change. `wait_for` blocks on a condition with a deadline (no sleeps as synch
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -151,82 +149,3 @@ class FakeAgent(FakeHttpServer):
         self.default = lambda request: Answer(
             body={"reply": " | ".join(message["text"] or "" for message in request["json"]["messages"])}
         )
-
-
-class TcpProxy:
-    """A TCP proxy in front of PostgreSQL, to make the database vanish for a running app.
-
-    Modes: `pass` forwards; `reset` closes every connection (open and new) at once; `blackhole` accepts new
-    connections and never answers, as an unreachable host would.
-    """
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.mode = "pass"
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(256)
-        self.port = self._listener.getsockname()[1]
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def url_for(self, database_url: str) -> str:
-        """`database_url` rewritten to go through this proxy."""
-        split = urlsplit(database_url)
-        netloc = split.netloc.rsplit("@", 1)
-        userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
-        return split._replace(netloc=f"{userinfo}127.0.0.1:{self.port}").geturl()
-
-    def set_mode(self, mode: str) -> None:
-        self.mode = mode
-        if mode != "pass":
-            with self._lock:
-                for sock in self._open:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                        sock.close()
-                self._open.clear()
-
-    def close(self) -> None:
-        self._closed = True
-        self.set_mode("reset")
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self.mode == "reset":
-                client.close()
-                continue
-            with self._lock:
-                self._open.append(client)
-            if self.mode == "blackhole":
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._open.append(upstream)
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)

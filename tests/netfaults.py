@@ -6,7 +6,8 @@ test can partition one host while the others keep working:
 - `blackhole()`: nothing is forwarded any more, in either direction, on open or new connections. Connections
   stay open (no FIN, no RST) and new ones are accepted and held: what a host sees when a link silently drops
   every packet. Bytes sent meanwhile are held, not dropped.
-- `heal()`: forwarding resumes; held bytes are delivered late, as TCP retransmission would deliver them after a
+- `reset()`: every connection, open or new, is closed at once (a host that is up but refuses: RST/FIN).
+- `heal()`: forwarding resumes (and `reset` ends); held bytes are delivered late, as TCP retransmission would deliver them after a
   short partition. That is what lets a test prove that a partitioned host's stale writes are refused.
 - `retarget(port)`: new connections go to another server and open ones are closed (a virtual IP or DNS name
   moved to a promoted standby).
@@ -36,6 +37,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tcp-proxy")
         self.connections = 0  # accepted so far, for tests' reports
+        self._refusing = False
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port: int = probe.getsockname()[1]
@@ -73,7 +75,13 @@ class TcpProxy:
 
     def heal(self) -> None:
         """Forward again, delivering what was held."""
+        self._refusing = False
         self._loop.call_soon_threadsafe(self._event().set)
+
+    def reset(self) -> None:
+        """Close every open connection and each new one at once, until healed."""
+        self._refusing = True
+        self.drop_connections()
 
     def retarget(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         """Send new connections to another server and close the open ones."""
@@ -112,6 +120,9 @@ class TcpProxy:
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self._refusing:
+            client_writer.close()
+            return
         self._writers.add(client_writer)
         task = asyncio.current_task()
         assert task is not None

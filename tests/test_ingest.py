@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import PASSKEY, RunningApp, app_settings, customer_message, sample, wait_until
-from tests.fakes import TcpProxy
+from tests.netfaults import TcpProxy
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -164,21 +164,25 @@ def test_wrong_content_type_is_415(app: RunningApp, sql: Sql) -> None:
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 def test_database_down_is_503_in_bounded_time(run_app: Callable[..., RunningApp], database_url: str,
                                               sql: Sql, mode: str) -> None:
-    """With the database gone (refusing or silent) the webhook answers 503 in bounded time, never 200."""
-    target = urlsplit(database_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    """With the database gone (refusing or silent) the webhook answers 503 in bounded time, never 200; WATI's retry
+    of the refused message is stored exactly once, even when the blackholed first try reached the server later."""
+    proxy = TcpProxy(urlsplit(database_url).port or 5432).start()
     try:
-        app = run_app(app_settings(proxy.url_for(database_url), sweeper=False, db_timeout_seconds=1.0))
+        app = run_app(app_settings(proxy.url(database_url), sweeper=False, db_timeout_seconds=1.0))
         assert app.post(customer_message("50370000003", "before")).status_code == 200
-        proxy.set_mode(mode)
-        response = app.post(customer_message("50370000003", "during"))
+        proxy.reset() if mode == "reset" else proxy.blackhole()
+        during = customer_message("50370000003", "during")
+        response = app.post(during)
         assert response.status_code == 503
         assert response.headers["retry-after"] == "5"
-        assert "nothing was stored" in response.json()["detail"]
+        assert "not known to be" in response.json()["detail"]
         assert response.elapsed.total_seconds() < 3.0
-        proxy.set_mode("pass")
+        proxy.heal()
         assert wait_until(lambda: app.post(customer_message("50370000003", "after")).status_code == 200,
                           timeout=10, what="ingest to recover")
+        retried = app.post(during)  # WATI retries the refused delivery
+        assert retried.status_code == 200
+        assert retried.json()["status"] in {"buffered", "duplicate"}
     finally:
-        proxy.close()
-    assert sql("SELECT text FROM watibot.message ORDER BY id") == [("before",), ("after",)]
+        proxy.stop()
+    assert sorted(sql("SELECT text FROM watibot.message")) == [("after",), ("before",), ("during",)]

@@ -98,13 +98,11 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Ready: database reachable, schema serving this code's revision, sweeper alive in this worker."""
+    """Ready: database reachable and taking writes, schema serving this code's revision, sweeper alive."""
     state = request.app.state
     problems = []
     try:
-        problem = await state.repository.schema_problem()
-        if problem is not None:
-            problems.append(problem)
+        problems.extend(await state.repository.readiness_problems())
     except db.DatabaseUnavailable:
         problems.append("database unavailable")
     except db.DatabaseError as error:

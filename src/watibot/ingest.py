@@ -31,6 +31,11 @@ log = logging.getLogger("watibot.ingest")
 router = APIRouter()
 
 PASSKEY_HEADER = "X-Watibot-Passkey"
+# A statement that timed out may still reach the server and commit later (a partition that heals delivers the
+# bytes TCP held): a 503 promises only "not known to be stored". WATI's retry carries the same message id, which
+# is stored once whatever happened (answered `duplicate` if the first try committed after all).
+UNAVAILABLE_DETAIL = ("database unavailable: not stored, or not known to be; retry later (a retry of the same "
+                      "message is recognised and stored once)")
 _LOGGED_BY_RECEIVE = frozenset({"buffered", "duplicate", "ignored"})  # answers with their own debug line
 
 _WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
@@ -111,7 +116,8 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
         413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
         415: {"description": "Content-Type is not JSON"},
         422: {"description": "Not a usable WATI event; the detail says why"},
-        503: {"description": "Database unavailable; nothing was stored, retry later"},
+        503: {"description": "Database unavailable: not stored, or not known to be; retry later (the retry of a "
+                             "message that was stored after all is answered duplicate)"},
     },
 )
 async def webhook(request: Request) -> JSONResponse:
@@ -184,12 +190,12 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     try:
         return _ok(await _store(state, parsed))
     except DatabaseError as error:
-        log.warning("webhook refused, nothing stored: %s", error)
-        return _error(503, "database unavailable; nothing was stored, retry later", {"Retry-After": "5"}), None
+        log.warning("webhook refused, not known to be stored: %s", error)
+        return _error(503, UNAVAILABLE_DETAIL, {"Retry-After": "5"}), None
 
 
 async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
-    """Commit what the event means; returns the status to answer. Raises DatabaseError (nothing stored)."""
+    """Commit what the event means; returns the status to answer. Raises DatabaseError (not known to be stored)."""
     if isinstance(event, OperatorMessage):
         return "paused" if await state.repository.operator_message(event) else "ignored"
     if isinstance(event, DeliveryUpdate):

@@ -47,7 +47,7 @@ class LoopMonitor:
         described = describe_error(error)
         if described != self._last_error:
             log.error("%s loop iteration failed: %s; retrying with backoff", self.name, described,
-                      exc_info=not _expected(error))
+                      exc_info=None if _expected(error) else error)
             self._last_error = described
         self._progress()
         delay = min(self.backoff_max, self.backoff_base * 2.0 ** (self.failures - 1))

@@ -309,7 +309,8 @@ SCHEMA_REVISION = "SELECT version_num FROM watibot.alembic_version"
 # The schema's revision and, since 0006, which code revisions each schema revision serves (db.compatibility_problem).
 SCHEMA_COMPATIBILITY = """
 SELECT (SELECT version_num FROM watibot.alembic_version) AS revision,
-       to_regclass('watibot.schema_compatibility') IS NOT NULL AS declared
+       to_regclass('watibot.schema_compatibility') IS NOT NULL AS declared,
+       current_setting('transaction_read_only') = 'on' AS read_only
 """
 COMPATIBILITY_ROWS = "SELECT revision, position, oldest_code_revision FROM watibot.schema_compatibility"
 
@@ -707,6 +708,12 @@ class Repository:
 
     async def schema_problem(self) -> str | None:
         """Why this code must not run on the database's schema (db.compatibility_problem), or None."""
+        problems = await self.readiness_problems(writable=False)
+        return problems[0] if problems else None
+
+    async def readiness_problems(self, *, writable: bool = True) -> list[str]:
+        """What keeps this worker from serving: a schema that does not serve this code and, with `writable`, a
+        database that takes no writes (a standby before its promotion)."""
         async with connection(self.pool, self.timeout) as conn:
             row = await conn.fetchrow(SCHEMA_COMPATIBILITY)
             assert row is not None
@@ -714,7 +721,13 @@ class Repository:
             if row["declared"]:
                 rows = {r["revision"]: (r["position"], r["oldest_code_revision"])
                         for r in await conn.fetch(COMPATIBILITY_ROWS)}
-        return compatibility_problem(SCHEMA_REVISION_OF_CODE, row["revision"], rows)
+        problems = []
+        if problem := compatibility_problem(SCHEMA_REVISION_OF_CODE, row["revision"], rows):
+            problems.append(problem)
+        if writable and row["read_only"]:
+            problems.append("database is read-only (a standby, or default_transaction_read_only): "
+                            "webhooks are refused until it takes writes")
+        return problems
 
     async def get_or_create_secret(self, name: str, candidate: str) -> str:
         """Return the stored secret `name`, storing `candidate` first if there is none."""
