@@ -38,6 +38,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tcp-proxy")
         self.connections = 0  # accepted so far, for tests' reports
         self._refusing = False
+        self.held_bytes = 0  # read while cut and delivered after the heal
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port: int = probe.getsockname()[1]
@@ -151,11 +152,13 @@ class TcpProxy:
         open_ = self._event()
         try:
             while True:
-                await open_.wait()
                 data = await reader.read(65536)
                 if not data:
+                    await open_.wait()  # a close crosses a cut link only once it heals
                     break
-                await open_.wait()  # cut while reading: hold the bytes until healed
+                if not open_.is_set():  # cut while reading: hold the bytes until healed
+                    self.held_bytes += len(data)
+                    await open_.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
