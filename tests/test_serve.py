@@ -132,3 +132,18 @@ def test_without_database_url_serve_runs_an_embedded_postgres_that_is_reused_and
     finally:
         second.stop()
     assert not cluster.running()
+
+
+def test_serve_warns_when_its_connections_cannot_fit_the_server(
+    serve: Callable[..., ServeProcess], database_url: str, sql: Sql, fake_wati: FakeWati
+) -> None:
+    """workers x WATIBOT_DB_POOL_SIZE above what PostgreSQL has free: serve starts, and says so with the figures."""
+    max_connections = int(sql("SHOW max_connections")[0][0])
+    pool = max_connections // 2 + 1  # two workers of this pool size need more than the server has
+    fits = serve(serve_environment(database_url, fake_wati, WATIBOT_DB_POOL_SIZE="2"), workers=2)
+    assert "connection budget" not in fits.log_path.read_text()
+    fits.stop()
+    tight = serve(serve_environment(database_url, fake_wati, WATIBOT_DB_POOL_SIZE=str(pool)), workers=2)
+    log = tight.log_path.read_text()
+    assert f"this serve may open {2 * pool} connections (2 workers x WATIBOT_DB_POOL_SIZE {pool})" in log
+    assert f"max_connections {max_connections}" in log
