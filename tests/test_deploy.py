@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -148,3 +149,13 @@ def test_alert_rules_only_use_metrics_that_the_service_exports(
         used |= set(re.findall(r"\bwatibot_[a-z_]+", alert["expr"]))
     assert used, "the rules use watibot metrics"
     assert used <= exported, used - exported
+
+
+def test_keda_example_query_runs_on_the_schema_and_counts_work_in_flight(database_url: str, sql: Any) -> None:
+    """deploy/keda-scaledobject.yaml is valid YAML whose scaler query returns one integer on a migrated database."""
+    document = yaml.safe_load((DEPLOY / "keda-scaledobject.yaml").read_text())
+    (trigger,) = document["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    assert sql(trigger["metadata"]["query"]) == [(0,)]
+    sql("INSERT INTO watibot.conversation (channel, customer, due_at) VALUES ('1', '2', now() - interval '1 s')")
+    assert sql(trigger["metadata"]["query"]) == [(1,)]

@@ -51,30 +51,34 @@ def test_monitor_logs_a_repeated_error_once_backs_off_boundedly_and_reports_reco
     assert monitor.failures == 0 and monitor.iterations == 7
 
 
-def test_healthz_fails_when_the_claim_loop_is_wedged_and_names_it(
-    run_app: Callable[..., RunningApp], database_url: str,
-) -> None:
-    """A claim loop stuck inside an iteration (a hang no timeout catches) turns /healthz 503 past the bound."""
-    app = run_app(app_settings(database_url, poll_seconds=0.2, lease_seconds=3.0, db_timeout_seconds=0.5,
-                               wati_timeout_seconds=1.0, loop_stall_seconds=3.5))
-    assert app.client.get("/healthz").status_code == 200
-    sweeper = app.sweeper
+def test_a_wedged_claim_loop_fails_healthz_then_the_worker_restarts_itself(database_url: str) -> None:
+    """A claim loop stuck inside an iteration (a hang no timeout catches) turns /healthz 503 past the bound, and
+    past twice the bound the watchdog ends the worker (observed here instead of exiting the test process)."""
+    settings = app_settings(database_url, poll_seconds=0.2, lease_seconds=3.0, db_timeout_seconds=0.5,
+                            wati_timeout_seconds=1.0, loop_stall_seconds=3.5)
+    running = RunningApp(settings)
+    exits: list[str] = []
+    running.server.config.app.state.on_wedged = exits.append  # type: ignore[union-attr]
     hang = threading.Event()
+    with running as app:
+        assert app.client.get("/healthz").status_code == 200
 
-    async def wedged() -> float | None:  # a bug that awaits forever, as a deadlocked library call would
-        await asyncio.get_running_loop().run_in_executor(None, hang.wait, 60)
-        return None
+        async def wedged() -> float | None:  # a bug that awaits forever, as a deadlocked library call would
+            await asyncio.get_running_loop().run_in_executor(None, hang.wait, 60)
+            return None
 
-    sweeper._sweep_once = wedged
-    try:
-        response = wait_until(lambda: (r := app.client.get("/healthz")).status_code == 503 and r, timeout=30,
-                              what="/healthz to fail")
-        (problem,) = response.json()["problems"]
-        assert problem.startswith("claim loop has not completed an iteration for ")
-        assert "(bound 3.5 s)" in problem
-    finally:
-        hang.set()
-    wait_until(lambda: app.client.get("/healthz").status_code == 200, timeout=30, what="/healthz to recover")
+        app.sweeper._sweep_once = wedged
+        try:
+            response = wait_until(lambda: (r := app.client.get("/healthz")).status_code == 503 and r, timeout=30,
+                                  what="/healthz to fail")
+            (problem,) = response.json()["problems"]
+            assert problem.startswith("claim loop has not completed an iteration for ")
+            assert "(bound 3.5 s)" in problem
+            wait_until(lambda: exits, timeout=30, what="the watchdog to end the worker")
+            assert exits[0].startswith("claim loop has not completed an iteration for ")
+            assert "(bound 7 s)" in exits[0]
+        finally:
+            hang.set()
 
 
 def test_healthz_fails_when_a_loop_task_has_ended(run_app: Callable[..., RunningApp], database_url: str) -> None:

@@ -16,6 +16,7 @@ from watibot.clients import agent_http_client, wati_session
 from watibot.ingest import WebhookFastPath
 from watibot.ingest import router as ingest_router
 from watibot.logs import configure_logging, set_worker
+from watibot.loops import Watchdog, exit_wedged
 from watibot.metrics import TimedWatiClient
 from watibot.metrics import router as metrics_router
 from watibot.pipeline import Pipeline
@@ -62,10 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
             log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
+            sweeper = app.state.sweeper
+            watchdog = Watchdog(lambda: () if sweeper.stopping else sweeper.monitors, active.loop_stall_seconds,
+                                getattr(app.state, "on_wedged", exit_wedged))  # tests observe instead of exiting
+            watchdog.start()
         try:
             yield
         finally:
             if app.state.sweeper is not None:
+                watchdog.stop()
                 await app.state.sweeper.stop()
             await outbound.aclose()
             await wati_http.close()

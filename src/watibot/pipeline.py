@@ -152,9 +152,10 @@ class Pipeline:
             try:
                 return await write()
             except DatabaseError:
-                if loop.time() + delay >= deadline:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, remaining))  # the last try lands at the deadline, not a delay early
                 delay = min(delay * 2, 2.0)
 
     async def _answer(self, claim: Claim, burst: Burst) -> tuple[list[str], RecordedReply | None] | None:
