@@ -1,9 +1,11 @@
 """The outside world for the benchmarks: a fake WATI and a fake HTTP agent, one fast aiohttp server.
 
 Run as its own process (`python -m bench.fakes --port P`) so its CPU is not the workers'. Endpoints:
-- `POST /{tenant}/api/v1/sendSessionMessage/{wa_id}`: WATI's send, answers `{"result": true}` at once;
+- `POST /{tenant}/api/v1/sendSessionMessage/{wa_id}`: WATI's send, answers `{"result": true}` at once and records
+  (wa_id, wall time of arrival);
 - `POST /agent`: the `http` agent; records (burst_id, wall time of arrival), waits `agent_delay` seconds, replies;
-- `GET /stats`: counters, the agent's peak concurrency and (with `?calls=1`) every recorded agent call;
+- `GET /stats`: counters, the agent's peak concurrency and (with `?calls=1`) every recorded agent call and WATI send
+  (`calls`, `wati_calls`);
 - `POST /config`: `{"agent_delay": seconds}`, resets the counters.
 """
 
@@ -28,12 +30,14 @@ class State:
         self.agent_in_flight = 0
         self.agent_peak = 0
         self.calls: list[tuple[int, float]] = []
+        self.wati_calls: list[tuple[str, float]] = []
 
 
 def build_app() -> web.Application:
     state = State()
 
     async def wati(request: web.Request) -> web.Response:
+        state.wati_calls.append((request.match_info["wa_id"], time.time()))
         state.wati += 1
         return web.json_response({"result": True})
 
@@ -58,6 +62,7 @@ def build_app() -> web.Application:
         }
         if request.query.get("calls"):
             result["calls"] = state.calls
+            result["wati_calls"] = state.wati_calls
         return web.json_response(result)
 
     async def config(request: web.Request) -> web.Response:

@@ -4,7 +4,10 @@
   falls behind is charged for the queueing it causes (no coordinated omission).
 - `--connections C` without `--rate`: closed loop, C requests in flight for `--duration` seconds (the fallback
   when `wrk` is not installed).
-Every request is a distinct WATI text message (unique whatsappMessageId) from one of `--customers` customers.
+Every request is a distinct WATI text message (unique whatsappMessageId) from one of `--customers` customers
+(waId 5037 + seven digits, `--customer-offset` added), stamped with the current time (so WATI's 24-hour session
+window is open and replies are sent). `--record FILE` writes `[[waId, wall time acknowledged], …]`
+for every 200 answer (the fleet part's reply lateness).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,24 +28,31 @@ from bench.harness import PASSKEY, SAMPLE
 class Bodies:
     """Distinct WATI message bodies: a run prefix and a counter make every id unique."""
 
-    def __init__(self, customers: int) -> None:
+    def __init__(self, customers: int, offset: int = 0) -> None:
         self.prefix = uuid.uuid4().hex[:10]
         self.customers = customers
+        self.offset = offset
         self.count = 0
         template = dict(SAMPLE)
-        template.update(whatsappMessageId="@MID@", id="@ID@", waId="@WA@")
+        template.update(whatsappMessageId="@MID@", id="@ID@", waId="@WA@", timestamp="@TS@")
         self.template = json.dumps(template)
 
     def next(self) -> bytes:
+        return self.next_with_customer()[1]
+
+    def next_with_customer(self) -> tuple[str, bytes]:
         self.count += 1
         number = self.count
-        return (self.template.replace("@MID@", f"wamid.{self.prefix}.{number}")
-                .replace("@ID@", f"{self.prefix}{number}")
-                .replace("@WA@", f"5037{number % self.customers:07d}")).encode()
+        wa_id = f"5037{self.offset + number % self.customers:07d}"
+        return wa_id, (self.template.replace("@MID@", f"wamid.{self.prefix}.{number}")
+                       .replace("@ID@", f"{self.prefix}{number}")
+                       .replace("@WA@", wa_id)
+                       .replace("@TS@", str(int(time.time())))).encode()
 
 
-async def run(url: str, rate: float | None, connections: int, duration: float, customers: int) -> dict[str, Any]:
-    bodies = Bodies(customers)
+async def run(url: str, rate: float | None, connections: int, duration: float, customers: int,
+              offset: int = 0, acknowledged: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+    bodies = Bodies(customers, offset)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors = 0
@@ -53,11 +64,14 @@ async def run(url: str, rate: float | None, connections: int, duration: float, c
 
         async def one(due: float) -> None:
             nonlocal errors
+            wa_id, body = bodies.next_with_customer()
             try:
-                async with session.post(target, data=bodies.next(), headers=headers) as response:
+                async with session.post(target, data=body, headers=headers) as response:
                     await response.read()
                     statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
                 latencies.append(time.perf_counter() - due)
+                if acknowledged is not None and response.status == 200:
+                    acknowledged.append((wa_id, time.time()))
             except (aiohttp.ClientError, TimeoutError):
                 errors += 1
 
@@ -104,8 +118,14 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--customers", type=int, default=5000)
+    parser.add_argument("--customer-offset", type=int, default=0, help="added to every customer number")
+    parser.add_argument("--record", type=Path, default=None, help="write [[waId, acknowledged wall time], ...]")
     args = parser.parse_args()
-    result = asyncio.run(run(args.url, args.rate, args.connections, args.duration, args.customers))
+    acknowledged: list[tuple[str, float]] | None = [] if args.record else None
+    result = asyncio.run(run(args.url, args.rate, args.connections, args.duration, args.customers,
+                             args.customer_offset, acknowledged))
+    if args.record:
+        args.record.write_text(json.dumps(acknowledged))
     print(json.dumps(result), flush=True)
 
 

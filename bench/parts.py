@@ -66,6 +66,18 @@ class Scale:
     history_levels: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
     history_buffered: int = 10_000
     claim_iterations: int = 200
+    # fleet (bench/fleet.py): idle sweepers, CPU per burst by fleet size, cross-host reply lateness
+    fleet_idle_workers: list[int] = field(default_factory=lambda: [0, 5, 20, 50])
+    fleet_idle_tree_workers: int = 5
+    fleet_idle_seconds: float = 20.0
+    fleet_idle_settle: float = 5.0
+    fleet_layouts: list[list[int]] = field(default_factory=lambda: [[1, 1], [2, 2, 2]])
+    fleet_conversations: int = 2000
+    fleet_messages: int = 3
+    fleet_repeats: int = 2
+    fleet_rate: float = 50.0
+    fleet_rate_seconds: float = 20.0
+    fleet_buffer_seconds: float = 1.0
     profile: bool = True
 
     @classmethod
@@ -75,6 +87,9 @@ class Scale:
             drain_conversations=100, drain_messages=2, slow_workers=1, slow_conversations=40, slow_delay=0.3,
             slow_concurrency=50, timer_workers=1, timer_conversations=20, timer_spread=2.0, timer_load_rate=50.0,
             history_levels=[1_000, 10_000], history_buffered=1_000, claim_iterations=20, profile=False,
+            fleet_idle_workers=[0, 2], fleet_idle_tree_workers=2, fleet_idle_seconds=2.0, fleet_idle_settle=1.0,
+            fleet_layouts=[[1, 1], [1, 1, 1]], fleet_conversations=100, fleet_messages=2, fleet_repeats=1,
+            fleet_rate=20.0, fleet_rate_seconds=2.0,
         )
 
 
@@ -176,7 +191,7 @@ def closed_load(context: Context, url: str, seconds: float, connections: int = 6
         errors = sum(data[key] for key in ("connect_errors", "read_errors", "write_errors", "status_errors",
                                            "timeouts"))
         return {
-            "tool": "wrk -t2 -c%d" % connections, "requests": data["requests"],
+            "tool": f"wrk -t2 -c{connections}", "requests": data["requests"],
             "rps": round(data["requests"] / (data["duration_us"] / 1e6), 1), "errors": errors,
             "p50_ms": data["p50_us"] / 1000, "p95_ms": data["p95_us"] / 1000, "p99_ms": data["p99_us"] / 1000,
             "max_ms": data["max_us"] / 1000,
@@ -406,7 +421,8 @@ def drain(context: Context) -> dict[str, Any]:
         db_cpu.start()
         with RssSampler(serve.workers) as rss:
             insert_due(database, prefix, scale.drain_conversations, scale.drain_messages)
-            wait_until(lambda: _finished(database, prefix) >= scale.drain_conversations, 180, 0.2, "drain")
+            wait_until(lambda database=database, prefix=prefix: _finished(database, prefix)
+                       >= scale.drain_conversations, 180, 0.2, "drain")
         app_seconds, db_seconds = app_cpu.stop(), db_cpu.stop()
         if profiler:
             profiler.stop()
@@ -495,7 +511,8 @@ def slow_agent(context: Context) -> dict[str, Any]:
 
 def _lateness(context: Context, database: str, prefix: str) -> dict[str, Any]:
     calls = {burst: at for burst, at in _fake_stats(context, calls=True)["calls"]}
-    rows = sql(database, """SELECT id, EXTRACT(EPOCH FROM due_at)::float8, EXTRACT(EPOCH FROM started_at - due_at)::float8
+    rows = sql(database, """SELECT id, EXTRACT(EPOCH FROM due_at)::float8,
+                                 EXTRACT(EPOCH FROM started_at - due_at)::float8
                           FROM watibot.burst WHERE customer LIKE %s""", prefix + "%")
     lateness = [calls[burst] - due for burst, due, _ in rows if burst in calls]
     claim_lag = [lag for _, _, lag in rows]
@@ -637,7 +654,8 @@ async def _measure_claim(conn: asyncpg.Connection, iterations: int) -> dict[str,
         await transaction.rollback()
     plan_lines = [row[0] for row in plan]
     return {"claim": summary_ms(claim_times), "begin_burst": summary_ms(buffered_times),
-            "claim_plan": plan_lines, "claim_uses_due_index": any("conversation_due_idx" in line for line in plan_lines)}
+            "claim_plan": plan_lines,
+            "claim_uses_due_index": any("conversation_due_idx" in line for line in plan_lines)}
 
 
 def history(context: Context) -> dict[str, Any]:

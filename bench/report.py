@@ -24,8 +24,7 @@ def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("yes" if ok else "**no**")
 
 
-def rows(results: dict[str, Any]) -> list[Row]:
-    """One row per figure: watibot's, its same-run baseline, the ratio and the issue's target."""
+def _ingest_rows(results: dict[str, Any]) -> list[Row]:
     table: list[Row] = []
     parts = results["parts"]
     ingest = parts.get("ingest")
@@ -54,6 +53,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                               f"{results['scale']['rate']:.0f}/s", f"{_number(what_if['rps'])}; "
                               f"{what_if['rate']['p99_ms']} ms", f"bare FastAPI {_number(bare['rps'])}",
                               _ratio(what_if["rps"], bare["rps"]), "≥ 0.60×; ≤ 25 ms", "–"))
+    return table
+
+def _drain_rows(results: dict[str, Any]) -> list[Row]:
+    table: list[Row] = []
+    parts = results["parts"]
     drain = parts.get("drain")
     if drain and "runs" in drain:
         for run in drain["runs"]:
@@ -91,6 +95,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                               f"pgqueuer + WATI call {_number(run['pgqueuer_wati']['jobs_per_second'])}",
                               _ratio(what_if["bursts_per_second"], run["pgqueuer_wati"]["jobs_per_second"]),
                               "≥ 1.0×", "–"))
+    return table
+
+def _slow_agent_rows(results: dict[str, Any]) -> list[Row]:
+    table: list[Row] = []
+    parts = results["parts"]
     slow = parts.get("slow_agent")
     if slow and "watibot" in slow:
         capacity = slow["workers"] * slow["concurrency_per_worker"]
@@ -114,6 +123,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                               f"ideal {_number(slow['ideal_bursts_per_second'])} bursts/s",
                               _ratio(what_if["watibot"]["bursts_per_second"], slow["ideal_bursts_per_second"]),
                               "≥ 1,000; ≥ 400", "–"))
+    return table
+
+def _timer_rows(results: dict[str, Any]) -> list[Row]:
+    table: list[Row] = []
+    parts = results["parts"]
     timer = parts.get("timer")
     if timer and "idle" in timer:
         for key, limit in (("idle", 100), ("load", 250)):
@@ -123,6 +137,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                           f"{late['p50_ms']} / {late['p99_ms']}",
                           f"claim lag (started_at − due_at) {lag['p50_ms']} / {lag['p99_ms']}", "",
                           f"p99 ≤ {limit} ms", _met(late["p99_ms"] is not None and late["p99_ms"] <= limit)))
+    return table
+
+def _history_rows(results: dict[str, Any]) -> list[Row]:
+    table: list[Row] = []
+    parts = results["parts"]
     history = parts.get("history")
     if history and "levels" in history:
         base = history["levels"][0]
@@ -139,13 +158,80 @@ def rows(results: dict[str, Any]) -> list[Row]:
                           _ratio(claim["p50_ms"], base["claim"]["p50_ms"]), target, _met(met)))
         table.append(("Database size per million messages (message + burst, with indexes)",
                       f"{history['mb_per_million_messages']:,.0f} MB", "", "", "", "–"))
+    return table
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """One row per figure: watibot's, its same-run baseline, the ratio and the issue's target."""
+    table: list[Row] = []
+    parts = results["parts"]
+    table += _ingest_rows(results)
+    table += _drain_rows(results)
+    table += _slow_agent_rows(results)
+    table += _timer_rows(results)
+    table += _history_rows(results)
+    table += fleet_rows(parts.get("fleet"))
     memory = results.get("memory")
-    if memory:
+    if memory and memory.get("load_mb") is not None:
         table.append(("RSS per worker, MB: idle / peak under load (max over workers)",
                       f"{_number(memory['idle_mb'])} / {_number(memory['load_mb'])}",
                       f"bare FastAPI worker {_number(memory['bare_load_mb'])}",
                       _ratio(memory["load_mb"], memory["bare_load_mb"]), "≤ 120 MB",
                       _met(memory["load_mb"] is not None and memory["load_mb"] <= 120)))
+    return table
+
+
+def fleet_rows(fleet: dict[str, Any] | None) -> list[Row]:
+    """The fleet part (bench/fleet.py): idle sweepers by N, CPU per burst 2 vs 6 workers, cross-host lateness."""
+    table: list[Row] = []
+    if not fleet:
+        return table
+    levels = fleet.get("idle", {}).get("levels", [])
+    if levels:
+        base = levels[0]
+        first = next((level for level in levels if level["workers"]), None)
+        for level in levels:
+            if not level["workers"] or first is None:
+                continue
+            table.append((f"Fleet idle: {level['workers']} sweepers in {level['trees']} serve trees: PostgreSQL CPU "
+                          "s/s, utime+stime (schedstat); statements/s; transactions/s (ratio: PG CPU per worker, "
+                          f"schedstat, vs {first['workers']} workers)",
+                          f"{level['pg_cpu_s_per_s']:.4f} ({level['pg_run_time_s_per_s']:.4f}); "
+                          f"{_number(level['statements_per_s'])}; {_number(level['transactions_per_s'])}; "
+                          f"{level['pg_run_time_ms_per_worker_s']:.2f} ms/s per worker",
+                          f"{base['workers']} workers: {base['pg_cpu_s_per_s']:.4f} "
+                          f"({base['pg_run_time_s_per_s']:.4f}); "
+                          f"{_number(base['statements_per_s'])}; {_number(base['transactions_per_s'])}",
+                          _ratio(level["pg_run_time_ms_per_worker_s"], first["pg_run_time_ms_per_worker_s"]),
+                          "linear in N", "–"))
+    coordination = fleet.get("coordination", {})
+    layouts = coordination.get("layouts", [])
+    if layouts:
+        small = layouts[0]
+        for layout in layouts:
+            table.append((f"Fleet drain, {layout['workers']} workers on {layout['hosts']} hosts "
+                          f"({coordination['conversations']} × {coordination['messages_per_conversation']} msgs): "
+                          "PostgreSQL CPU ms per burst; bursts/s; statements per burst",
+                          f"{layout['db_cpu_ms_per_burst']:.3f}; {_number(layout['bursts_per_second'])}; "
+                          f"{layout['statements_per_burst']}",
+                          f"{small['workers']} workers: {small['db_cpu_ms_per_burst']:.3f}; "
+                          f"{_number(small['bursts_per_second'])}; {small['statements_per_burst']}",
+                          _ratio(layout["db_cpu_ms_per_burst"], small["db_cpu_ms_per_burst"]),
+                          "flat (≈ 1.0×)" if layout is not small else "", "–"))
+    late = fleet.get("lateness", {})
+    if "cross_host" in late:
+        cross, same = late["cross_host"], late["same_host"]
+        table.append((f"Fleet reply lateness at {late['rate']:g}/s, buffer {late['buffer_seconds']:g} s: webhook on "
+                      "ingest-only host, claim on another; WATI reply − (ack + buffer) p50 / p99 ms",
+                      f"{cross['lateness']['p50_ms']} / {cross['lateness']['p99_ms']} "
+                      f"({cross['replied']}/{cross['acknowledged']} replied)",
+                      f"same host: {same['lateness']['p50_ms']} / {same['lateness']['p99_ms']} "
+                      f"({same['replied']}/{same['acknowledged']})",
+                      _ratio(cross["lateness"]["p99_ms"], same["lateness"]["p99_ms"]), "", "–"))
+        table.append(("Fleet reply lateness: claim lag (started_at − due_at) p50 / p99 ms, cross / same host",
+                      f"{cross['claim_lag_db']['p50_ms']} / {cross['claim_lag_db']['p99_ms']}",
+                      f"{same['claim_lag_db']['p50_ms']} / {same['claim_lag_db']['p99_ms']}",
+                      _ratio(cross["claim_lag_db"]["p99_ms"], same["claim_lag_db"]["p99_ms"]), "", "–"))
     return table
 
 
@@ -183,7 +269,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def chart(results: dict[str, Any], path: Path) -> bool:
-    """A 2×3 PNG: ingest, drain, slow agent, timer, claim latency, memory. False if matplotlib is missing."""
+    """A 2×3 PNG: ingest, drain, slow agent, timer, claim latency, memory (a third row, or the only one, for the
+    fleet part). False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -192,7 +279,10 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     parts = results["parts"]
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fleet = parts.get("fleet", {})
+    only_fleet = set(parts) == {"fleet"}
+    figure, axes = plt.subplots(1 if only_fleet else (3 if fleet else 2), 3, squeeze=False,
+                                figsize=(15, 4 if only_fleet else (12 if fleet else 8)))
     figure.suptitle(f"watibot benchmarks {results['meta']['date']} (load avg {results['meta']['loadavg_start']})")
 
     def bars(axis: Any, labels: list[str], series: dict[str, list[float]], title: str, unit: str) -> None:
@@ -207,7 +297,8 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     ingest = parts.get("ingest", {}).get("throughput", [])
     if ingest:
         bars(axes[0][0], [f"{row['workers']}w" for row in ingest],
-             {"watibot": [row["watibot"]["rps"] for row in ingest], "bare FastAPI": [row["bare"]["rps"] for row in ingest]},
+             {"watibot": [row["watibot"]["rps"] for row in ingest],
+              "bare FastAPI": [row["bare"]["rps"] for row in ingest]},
              "Ingest throughput", "requests/s")
     runs = [run for run in parts.get("drain", {}).get("runs", []) if "pgqueuer_wati" in run]
     if runs:
@@ -245,7 +336,32 @@ def chart(results: dict[str, Any], path: Path) -> bool:
             "bare FastAPI worker": [0, memory["bare_load_mb"] or 0],
         }, "RSS per worker (max)", "MB")
         axes[1][2].axhline(120, color="red", linestyle="--", linewidth=1)
+    if fleet:
+        _fleet_chart(axes[0 if only_fleet else 2], fleet, bars)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return True
+
+
+def _fleet_chart(axes: Any, fleet: dict[str, Any], bars: Any) -> None:
+    levels = fleet.get("idle", {}).get("levels", [])
+    if levels:
+        axis = axes[0]
+        axis.plot([level["workers"] for level in levels], [level["pg_cpu_s_per_s"] for level in levels], "o-")
+        axis.set_title("Idle sweepers: PostgreSQL CPU")
+        axis.set_xlabel("worker processes polling")
+        axis.set_ylabel("CPU s per s")
+    layouts = fleet.get("coordination", {}).get("layouts", [])
+    if layouts:
+        bars(axes[1], [f"{layout['workers']}w / {layout['hosts']} hosts" for layout in layouts], {
+            "PostgreSQL CPU ms/burst": [layout["db_cpu_ms_per_burst"] for layout in layouts],
+            "app CPU ms/burst": [layout["app_cpu_ms_per_burst"] for layout in layouts],
+        }, "Drain: CPU per burst by fleet size", "ms")
+    late = fleet.get("lateness", {})
+    if "cross_host" in late:
+        cross, same = late["cross_host"]["lateness"], late["same_host"]["lateness"]
+        bars(axes[2], ["p50", "p99"], {
+            "cross host": [cross["p50_ms"] or 0, cross["p99_ms"] or 0],
+            "same host": [same["p50_ms"] or 0, same["p99_ms"] or 0],
+        }, "Reply lateness after the buffer", "ms")
