@@ -296,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the webhook server and a sweeper in every worker",
-                                description="Apply pending migrations once, then run uvicorn with N workers, "
-                                "each with its own sweeper. With no WATIBOT_DATABASE_URL an embedded PostgreSQL "
+                                description="Apply pending migrations once (over WATIBOT_MIGRATION_DATABASE_URL "
+                                "when set, e.g. past a transaction-pooling PgBouncer), warn when workers x "
+                                "WATIBOT_DB_POOL_SIZE cannot fit PostgreSQL's free connections, then run uvicorn "
+                                "with N workers, each with its own sweeper (SIGTTIN / SIGTTOU to this process add "
+                                "or remove one). With no WATIBOT_DATABASE_URL an embedded PostgreSQL "
                                 "is started under WATIBOT_DATA_DIR and stopped on exit. The workers share their "
                                 "/metrics counters through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory "
                                 "unless set; emptied at start). SIGTERM stops gracefully.")
@@ -308,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     migrate = commands.add_parser("migrate", help="apply database migrations",
-                                  description="Apply alembic migrations (same as `alembic upgrade head`).")
+                                  description="Apply alembic migrations (same as `alembic upgrade head`), over "
+                                  "WATIBOT_MIGRATION_DATABASE_URL when set. Safe to run from several hosts at once.")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default head)")
     migrate.set_defaults(handler=cmd_migrate)
 
