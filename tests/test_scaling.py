@@ -82,6 +82,8 @@ def test_workers_added_and_removed_under_load_lose_and_duplicate_nothing(
     handed_back = log.count("handed the claim back")
     taken_over = log.count("took over from")
     assert taken_over == 0, "removed workers finished or handed back; none left a lease to expire"
+    assert fault_sql("SELECT status, count(*) FROM watibot.burst WHERE status <> 'sent' OR attempts <> 1 "
+                     "GROUP BY status") == [], "no send was cut (attention) and no lease had to expire"
     assert handed_back >= 2, "each removed worker handed back the bursts it could not finish in the grace period"
     print(f"\nscaling 2 -> 3 -> 1 workers under load: {len(result.acknowledged)} acknowledged, refused "
           f"{dict(result.refused)}, {handed_back} claims handed back by removed workers, {taken_over} lease "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from watibot import metrics
@@ -44,6 +45,8 @@ class Pipeline:
         self.wati = wati
         self.schedule_hint = schedule_hint
         self.media_resolver = load_callable(settings.media_resolver) if settings.media_resolver else None
+        self.sending: set[asyncio.Task[object]] = set()  # bursts with a part between its mark and its outcome
+        self.part_recorded = asyncio.Event()  # set whenever a burst leaves that stretch
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter, at least what the server asked for."""
@@ -80,15 +83,12 @@ class Pipeline:
 
     async def _run(self, claim: Claim, burst: Burst, context: dict[str, object]) -> None:
         """Agent, checks, sends, completion; every failure ends in a committed state or a lease to expire."""
-        sending = False
         try:
             answer = await self._answer(claim, burst)
             if answer is None:
                 return
             parts, new_reply = answer
-            sending = True
             await self._send(claim, burst, parts, new_reply, context)
-            sending = False
         except SendUnknown as error:
             log.error("send outcome unknown, burst needs attention: %s", error, extra=context)
             await self._close(claim, burst, "attention", str(error), context)
@@ -99,7 +99,7 @@ class Pipeline:
         except DatabaseError as error:
             log.error("database error mid-burst (%s); the lease will hand it over", error, extra=context)
         except asyncio.CancelledError:
-            if not sending:
+            if asyncio.current_task() not in self.sending:  # no part in flight: the next holder can resume
                 await self._hand_back(claim, burst, context)
             raise
 
@@ -113,31 +113,50 @@ class Pipeline:
         acceptance is recorded by the completion itself.
         """
         last = len(parts) - 1
+        wait = None
+        if burst.parts_sent > last:  # every part accepted before; only the completion is missing
+            wait = await self._persist(
+                functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts)))
         for part in range(burst.parts_sent, len(parts)):
-            may_send = await self.repository.mark_sending(claim, burst, part, new_reply)
-            new_reply = None
-            if not may_send:
-                reason = (f"not sent: the customer's latest message is older than WhatsApp's "
-                          f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
-                log.warning("%s", reason, extra=context)
-                await self._close(claim, burst, "expired", reason, context)
-                return
-            try:
-                await self.wati.send_text(
-                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+            with self._part_in_flight():
+                may_send = await self.repository.mark_sending(claim, burst, part, new_reply)
+                new_reply = None
+                if not may_send:
+                    reason = (f"not sent: the customer's latest message is older than WhatsApp's "
+                              f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
+                    log.warning("%s", reason, extra=context)
+                    await self._close(claim, burst, "expired", reason, context)
+                    return
+                try:
+                    await self.wati.send_text(
+                        claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+                    )
+                except SendRejected:
+                    await self.repository.clear_sending(claim, burst)
+                    raise
+                # Only this worker knows WATI accepted the part: keep trying to record it through a short
+                # database outage, or a taker would have to treat the send as unknown.
+                if part < last:
+                    await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
+                    continue
+                wait = await self._persist(
+                    functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts))
                 )
-            except SendRejected:
-                await self.repository.clear_sending(claim, burst)
-                raise
-            # Only this worker knows WATI accepted the part: keep trying to record it through a short
-            # database outage, or a taker would have to treat the send as unknown.
-            if part < last:
-                await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
-        wait = await self._persist(
-            functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts))
-        )
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
+
+    @contextlib.contextmanager
+    def _part_in_flight(self) -> Iterator[None]:
+        """From a part's "sending" mark until its outcome is recorded: a stop waits for this instead of cutting
+        it (a cut send is an unknown outcome, closed as attention by whoever holds the burst next)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.sending.add(task)
+        try:
+            yield
+        finally:
+            self.sending.discard(task)
+            self.part_recorded.set()
 
     async def _persist(self, write: Callable[[], Awaitable[T]]) -> T:
         """Retry a fenced write while the database is unavailable, for at most one lease.

@@ -13,6 +13,7 @@ contract step): the workers of the new release take over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -188,10 +189,33 @@ class Sweeper:
         if tasks:
             log.info("waiting up to %.0f s for %d bursts in flight", self.settings.shutdown_grace_seconds, len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
-            for task in pending:
+            await self._cancel_between_parts(pending)
+
+    async def _cancel_between_parts(self, pending: set[asyncio.Task[None]]) -> None:
+        """Cancel what outlasted the grace period (each hands its claim back), but never a part between its
+        "sending" mark and its recorded outcome: those get one send and its records more time, and are cancelled
+        once they leave that stretch (or when that time is up)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.wati_timeout_seconds + 2 * self.settings.db_timeout_seconds
+        cancelled: list[asyncio.Task[None]] = []
+        while pending:
+            for task in [task for task in pending if task not in self.pipeline.sending]:
                 task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+                cancelled.append(task)
+                pending.discard(task)
+            if not pending or loop.time() >= deadline:
+                break
+            self.pipeline.part_recorded.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - loop.time()):
+                    await self.pipeline.part_recorded.wait()
+            pending = {task for task in pending if not task.done()}
+        for task in pending:
+            log.warning("a send still in flight at the end of the shutdown grace: its burst will need attention")
+            task.cancel()
+            cancelled.append(task)
+        if cancelled:
+            await asyncio.gather(*cancelled, return_exceptions=True)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
