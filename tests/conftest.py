@@ -325,16 +325,21 @@ def fault_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def fault_sql(fault_db: str) -> Sql:
-    """Run a query on the fault database, reconnecting each time (the server may have restarted)."""
+def sql_on(url: str) -> Sql:
+    """Run a query on `url` and return all rows, reconnecting each time (the server may have restarted)."""
 
     def run(query: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(fault_db, autocommit=True) as conn:
+        with psycopg.connect(url, autocommit=True) as conn:
             cursor = conn.execute(query, params or None)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
 
     return run
+
+
+@pytest.fixture
+def fault_sql(fault_db: str) -> Sql:
+    """Run a query on the fault database, reconnecting each time (the server may have restarted)."""
+    return sql_on(fault_db)
 
 
 @pytest.fixture

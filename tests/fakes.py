@@ -141,6 +141,13 @@ class FakeWati(FakeHttpServer):
         return self.sent
 
 
+def echo_reply(request: dict[str, Any]) -> dict[str, str]:
+    """An agent answer that lists each message's text on a numbered line, so that tests/invariants.py can trace
+    every reply back to the messages it answers."""
+    lines = (f"{n}. {message['text']}" for n, message in enumerate(request["json"]["messages"], 1))
+    return {"reply": "Received:\n" + "\n".join(lines)}
+
+
 class FakeAgent(FakeHttpServer):
     """An HTTP agent: by default replies with the texts it got, joined by ' | '."""
 

@@ -9,7 +9,9 @@ the messages it answers; every text is unique.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -112,6 +114,46 @@ class Load:
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks)
+
+
+@dataclass
+class KillReport:
+    """What `kill_the_busiest_worker` saw."""
+
+    held: int  # bursts the killed worker held
+    recovery_seconds: float  # from the kill until every burst was answered
+    counts: dict[str, int]
+
+
+def kill_the_busiest_worker(serve: Any, sql: Sql, wati: FakeWati, agent: Any, prefix: str,
+                            customers: int = 6) -> KillReport:
+    """kill -9 the worker holding the most bursts while the agent works on them; wait until another worker has
+    answered each once (after the lease) and check the invariant. The agent's first `customers` calls hang."""
+    from tests.conftest import holders, post
+    from tests.fakes import Answer, echo_reply
+
+    release = threading.Event()
+    agent.default = lambda request: Answer(body=echo_reply)
+    agent.script = [Answer(body=echo_reply, hang_until=release) for _ in range(customers)]
+    acknowledged = set()
+    for customer in range(customers):
+        for part in range(2):
+            payload = message(f"503700000{customer:02d}", f"{prefix}{customer}-{part}")
+            assert post(serve, payload) == 200
+            acknowledged.add(payload["text"])
+    agent.wait_for(lambda arrivals: len(arrivals) >= customers, arrived=True)
+    held = holders(sql)
+    victim = max(held, key=lambda pid: len(held[pid]))
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    release.set()
+    wati.wait_for_sent(customers, timeout=60)
+    recovery = time.monotonic() - killed_at
+    wait_drained(sql)
+    counts = check_invariant(sql, wati, acknowledged)
+    taken_over = sql("SELECT count(*) FROM watibot.burst WHERE attempts = 2 AND status = 'sent'")[0][0]
+    assert taken_over == len(held[victim])
+    return KillReport(len(held[victim]), recovery, counts)
 
 
 def wait_drained(sql: Sql, timeout: float = 120) -> None:

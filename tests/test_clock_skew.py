@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServeProcess, post, serve_environment
-from tests.fakes import Answer, FakeAgent, FakeWati
+from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
 from tests.invariants import check_invariant, message, wait_drained
 
 pytestmark = pytest.mark.processes
@@ -24,11 +24,6 @@ Sql = Callable[..., list[tuple[Any, ...]]]
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 WINDOW = 2.0
 LEASE = 3.0
-
-
-def _echo(request: dict[str, Any]) -> dict[str, str]:
-    lines = (f"{n}. {m['text']}" for n, m in enumerate(request["json"]["messages"], 1))
-    return {"reply": "Received:\n" + "\n".join(lines)}
 
 
 @pytest.mark.skipif(not LIBFAKETIME.exists(), reason="libfaketime not installed (apt-get install faketime; .ci/run does)")
@@ -40,7 +35,7 @@ def test_hosts_ten_minutes_ahead_and_behind_answer_on_time_and_keep_their_leases
     an agent slower than the lease keeps its claim, and recorded agent start times agree with the database."""
     slow = "slow-1"
     fake_agent.default = lambda request: Answer(
-        body=_echo, delay=LEASE + 1.5 if any(m["text"] == slow for m in request["json"]["messages"]) else 0.0)
+        body=echo_reply, delay=LEASE + 1.5 if any(m["text"] == slow for m in request["json"]["messages"]) else 0.0)
     hosts = []
     for offset in ("+10m", "-10m"):
         env = serve_environment(

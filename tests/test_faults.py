@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from tests.conftest import ServeProcess, children, holders, post, serve_environment, wait_until
-from tests.fakes import Answer, FakeAgent, FakeWati
-from tests.invariants import Load, check_invariant, message, wait_drained
+from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
+from tests.invariants import Load, check_invariant, kill_the_busiest_worker, message, wait_drained
 from watibot.embedded import EmbeddedCluster
 
 pytestmark = pytest.mark.processes
@@ -29,39 +29,13 @@ def test_kill_9_of_a_worker_holding_bursts_is_completed_by_another_after_the_lea
     fake_agent: FakeAgent,
 ) -> None:
     """kill -9 of a worker in the middle of its bursts: after the lease expires another worker answers them once."""
-    release = threading.Event()
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)})
-    fake_agent.script = [Answer(body=lambda request: {"reply": _echo(request)}, hang_until=release)
-                         for _ in range(6)]
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_LEASE_SECONDS="3", WATIBOT_BUFFER_SECONDS="0.3")
     serve = processes(env, workers=2)
     serve.wait_ready()
-    acknowledged = set()
-    for customer in range(6):
-        for part in range(2):
-            payload = message(f"503700000{customer:02d}", f"k{customer}-{part}")
-            assert post(serve, payload) == 200
-            acknowledged.add(payload["text"])
-    fake_agent.wait_for(lambda arrivals: len(arrivals) >= 6, arrived=True)
-    held = holders(fault_sql)
-    victim = max(held, key=lambda pid: len(held[pid]))
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
-    release.set()
-    fake_wati.wait_for_sent(6, timeout=60)
-    recovery = time.monotonic() - killed_at
-    wait_drained(fault_sql)
-    counts = check_invariant(fault_sql, fake_wati, acknowledged)
-    taken_over = fault_sql("SELECT count(*) FROM watibot.burst WHERE attempts = 2 AND status = 'sent'")[0][0]
-    assert taken_over == len(held[victim])
-    print(f"\nkill -9: worker held {len(held[victim])} bursts; all answered {recovery:.1f} s after the kill "
-          f"(lease 3 s); {counts}")
-
-
-def _echo(request: dict[str, Any]) -> str:
-    messages = request["json"]["messages"]
-    return "Received:\n" + "\n".join(f"{n}. {m['text']}" for n, m in enumerate(messages, 1))
+    report = kill_the_busiest_worker(serve, fault_sql, fake_wati, fake_agent, prefix="k")
+    print(f"\nkill -9: worker held {report.held} bursts; all answered {report.recovery_seconds:.1f} s after the kill "
+          f"(lease 3 s); {report.counts}")
 
 
 def test_paused_worker_past_its_lease_neither_sends_nor_completes_when_resumed(
@@ -70,7 +44,7 @@ def test_paused_worker_past_its_lease_neither_sends_nor_completes_when_resumed(
 ) -> None:
     """SIGSTOP a host's worker past its lease, let another host take over, SIGCONT it: it is fenced out."""
     release = threading.Event()
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)})
+    fake_agent.default = lambda request: Answer(body=echo_reply)
     fake_agent.script = [Answer(body={"reply": "STALE REPLY"}, hang_until=release)]
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_LEASE_SECONDS="3", WATIBOT_BUFFER_SECONDS="0.2")
@@ -166,7 +140,7 @@ def test_agent_timeout_is_retried_like_a_failure(
 ) -> None:
     """An agent slower than its timeout counts as a failed attempt; the retry's answer is sent once."""
     release = threading.Event()
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)})
+    fake_agent.default = lambda request: Answer(body=echo_reply)
     fake_agent.script = [Answer(hang_until=release)]
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_AGENT_TIMEOUT_SECONDS="1", WATIBOT_RETRY_BASE_SECONDS="0.1")
@@ -187,7 +161,7 @@ def test_sigterm_lets_bursts_in_flight_finish_within_the_grace_period(
     fake_agent: FakeAgent,
 ) -> None:
     """SIGTERM while the agent is working: no new claims, and the bursts in flight are answered before exit."""
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)}, delay=1.0)
+    fake_agent.default = lambda request: Answer(body=echo_reply, delay=1.0)
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_SHUTDOWN_GRACE_SECONDS="10")
     serve = processes(env)
@@ -208,8 +182,8 @@ def test_sigterm_hands_back_claims_that_outlast_the_grace_period(
 ) -> None:
     """Bursts still with the agent when the grace period ends are handed back and taken at once, not after the lease."""
     release = threading.Event()
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)})
-    fake_agent.script = [Answer(body=lambda request: {"reply": _echo(request)}, hang_until=release)
+    fake_agent.default = lambda request: Answer(body=echo_reply)
+    fake_agent.script = [Answer(body=echo_reply, hang_until=release)
                          for _ in range(2)]
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_SHUTDOWN_GRACE_SECONDS="1", WATIBOT_LEASE_SECONDS="60")

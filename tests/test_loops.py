@@ -25,7 +25,7 @@ from tests.conftest import (
     serve_environment,
     wait_until,
 )
-from tests.fakes import Answer, FakeAgent, FakeWati
+from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
 from tests.invariants import check_invariant, message, wait_drained
 from watibot.db import StatementFailed
 from watibot.loops import LoopMonitor
@@ -167,12 +167,8 @@ def test_server_errors_in_the_claim_loop_and_the_heartbeat_are_survived(
     """PostgreSQL raising a deadlock (or an unknown SQLSTATE) on every conversation write: webhooks get 503, both
     loops log the error once and keep trying; when it stops, the same workers answer everything exactly once."""
     release = threading.Event()
-    def echo(request: dict[str, Any]) -> dict[str, str]:
-        lines = (f"{n}. {m['text']}" for n, m in enumerate(request["json"]["messages"], 1))
-        return {"reply": "Received:\n" + "\n".join(lines)}
-
-    fake_agent.default = lambda request: Answer(body=echo)
-    fake_agent.script = [Answer(body=echo, hang_until=release)]
+    fake_agent.default = lambda request: Answer(body=echo_reply)
+    fake_agent.script = [Answer(body=echo_reply, hang_until=release)]
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_BUFFER_SECONDS="0.3", WATIBOT_LEASE_SECONDS="9")
     serve = processes(env, workers=1)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServeProcess, holders, post, serve_environment, wait_until
-from tests.fakes import Answer, FakeAgent, FakeWati
+from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
 from tests.invariants import check_invariant, message, wait_drained
 from tests.netfaults import TcpProxy
 from watibot.embedded import EmbeddedCluster
@@ -27,12 +27,6 @@ from watibot.embedded import EmbeddedCluster
 pytestmark = pytest.mark.processes
 Sql = Callable[..., list[tuple[Any, ...]]]
 LEASE = 3.0
-
-
-def echo(request: dict[str, Any]) -> dict[str, str]:
-    """The echo agent's reply (one numbered line per message), so replies trace back to messages."""
-    lines = (f"{n}. {m['text']}" for n, m in enumerate(request["json"]["messages"], 1))
-    return {"reply": "Received:\n" + "\n".join(lines)}
 
 
 @dataclass
@@ -91,7 +85,7 @@ def hosts(processes: Callable[..., ServeProcess], fault_cluster: EmbeddedCluster
 def _hold_first_calls(fake_agent: FakeAgent, count: int, reply: str) -> threading.Event:
     """The agent's first `count` calls hang until the returned event is set, then answer `reply`."""
     release = threading.Event()
-    fake_agent.default = lambda request: Answer(body=echo)
+    fake_agent.default = lambda request: Answer(body=echo_reply)
     fake_agent.script = [Answer(body={"reply": reply}, hang_until=release) for _ in range(count)]
     return release
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,9 +24,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import PASSKEY, ServeProcess, free_port, holders, post, serve_environment, wait_until
-from tests.fakes import Answer, FakeAgent, FakeWati
-from tests.invariants import Load, check_invariant, message, wait_drained
+from tests.conftest import PASSKEY, ServeProcess, free_port, post, serve_environment, sql_on, wait_until
+from tests.fakes import FakeAgent, FakeWati
+from tests.invariants import Load, check_invariant, kill_the_busiest_worker, message, wait_drained
 from watibot import db
 from watibot.embedded import SYSTEM_USER_WHEN_ROOT, EmbeddedCluster
 
@@ -140,17 +138,6 @@ def empty_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
 
 
-def sql_on(url: str) -> Sql:
-    """Run a query on `url` directly, reconnecting each time (the server may have restarted)."""
-
-    def run(query: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(url, autocommit=True) as conn:
-            cursor = conn.execute(query, params or None)  # type: ignore[arg-type]
-            return cursor.fetchall() if cursor.description else []
-
-    return run
-
-
 def pooled_environment(bouncer: Bouncer, direct_url: str, fake_wati: FakeWati, **overrides: str) -> dict[str, str]:
     """The service through the pooler, migrations directly."""
     return serve_environment(bouncer.url(direct_url), fake_wati, WATIBOT_DB_STATEMENT_CACHE_SIZE="0",
@@ -185,11 +172,6 @@ def assert_log_clean(serve: ServeProcess) -> None:
     text = serve.log_path.read_text()
     for symptom in ("prepared statement", "26000", "42P05", "Traceback", "HTTP 500", "Internal Server Error"):
         assert symptom not in text, f"{symptom!r} in the serve log:\n{text[-4000:]}"
-
-
-def _echo(request: dict[str, Any]) -> str:
-    messages = request["json"]["messages"]
-    return "Received:\n" + "\n".join(f"{n}. {m['text']}" for n, m in enumerate(messages, 1))
 
 
 def _webhook(client: httpx.Client, payload: dict[str, Any]) -> tuple[int, str | None]:
@@ -245,36 +227,15 @@ def test_kill_9_of_a_worker_holding_bursts_behind_the_pooler_is_taken_over_after
 ) -> None:
     """kill -9 of a worker holding bursts through the pooler: another worker takes them after the lease and
     answers each once."""
-    release = threading.Event()
-    fake_agent.default = lambda request: Answer(body={"reply": _echo(request)})
-    fake_agent.script = [Answer(body=lambda request: {"reply": _echo(request)}, hang_until=release)
-                         for _ in range(6)]
     env = pooled_environment(bouncer, fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                              WATIBOT_LEASE_SECONDS="3", WATIBOT_BUFFER_SECONDS="0.3")
     serve = processes(env, workers=2)
     serve.wait_ready(timeout=90)
-    acknowledged = set()
-    for customer in range(6):
-        for part in range(2):
-            payload = message(f"503710000{customer:02d}", f"pk{customer}-{part}")
-            assert post(serve, payload) == 200
-            acknowledged.add(payload["text"])
-    fake_agent.wait_for(lambda arrivals: len(arrivals) >= 6, arrived=True)
-    held = holders(fault_sql)
-    victim = max(held, key=lambda pid: len(held[pid]))
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
-    release.set()
-    fake_wati.wait_for_sent(6, timeout=60)
-    takeover = time.monotonic() - killed_at
-    wait_drained(fault_sql)
-    counts = check_invariant(fault_sql, fake_wati, acknowledged)
-    taken_over = fault_sql("SELECT count(*) FROM watibot.burst WHERE attempts = 2 AND status = 'sent'")[0][0]
-    assert taken_over == len(held[victim])
+    report = kill_the_busiest_worker(serve, fault_sql, fake_wati, fake_agent, prefix="pk")
     pooling = check_pooled(bouncer, fault_sql, fault_db, workers=2)
     assert_log_clean(serve)
-    print(f"\npgbouncer kill -9: worker held {len(held[victim])} bursts; all answered {takeover:.1f} s after the "
-          f"kill (lease 3 s); acknowledged {len(acknowledged)}, lost 0, duplicate replies 0; {counts}; {pooling}")
+    print(f"\npgbouncer kill -9: worker held {report.held} bursts; all answered {report.recovery_seconds:.1f} s after "
+          f"the kill (lease 3 s); lost 0, duplicate replies 0; {report.counts}; {pooling}")
 
 
 def test_postgresql_restart_behind_the_pooler_under_load_is_503_then_recovers_losing_nothing(

@@ -13,16 +13,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServeProcess, children, holders, serve_environment, wait_until
-from tests.fakes import Answer, FakeAgent, FakeWati
+from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
 from tests.invariants import Load, check_invariant, wait_drained
 
 pytestmark = pytest.mark.processes
 Sql = Callable[..., list[tuple[Any, ...]]]
-
-
-def _echo(request: dict[str, Any]) -> dict[str, str]:
-    lines = (f"{n}. {m['text']}" for n, m in enumerate(request["json"]["messages"], 1))
-    return {"reply": "Received:\n" + "\n".join(lines)}
 
 
 def _owners(sql: Sql) -> set[int]:
@@ -36,7 +31,7 @@ def test_workers_added_and_removed_under_load_lose_and_duplicate_nothing(
 ) -> None:
     """SIGTTIN adds a worker that claims work; two SIGTTOUs remove workers holding bursts slower than the grace
     period (handed back, taken at once); every acknowledged message is answered exactly once."""
-    fake_agent.default = lambda request: Answer(body=_echo, delay=1.5)  # longer than the grace period
+    fake_agent.default = lambda request: Answer(body=echo_reply, delay=1.5)  # longer than the grace period
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
                             WATIBOT_BUFFER_SECONDS="0.3", WATIBOT_SHUTDOWN_GRACE_SECONDS="1",
                             WATIBOT_CONCURRENCY="8")
