@@ -93,7 +93,7 @@ class Sweeper:
                 wait = await self._sweep_once()
                 self.claim_monitor.succeeded()
                 wait = self.settings.poll_seconds if wait is None else min(wait, self.settings.poll_seconds)
-            except Exception as error:
+            except Exception as error:  # the loop must survive anything: the monitor logs it and backs off
                 wait = self.claim_monitor.failed(error)
             self._wake_at = loop.time() + max(0.0, wait)
             # Sleep until _wake_at; a hint moves it earlier and sets the event so the sleep is re-measured.
@@ -163,7 +163,7 @@ class Sweeper:
                 still_held = await self.repository.heartbeat(self.owner, [claim for claim, _ in held])
                 last_success = loop.time()
                 self.heartbeat_monitor.succeeded()
-            except Exception as error:
+            except Exception as error:  # the loop must survive anything: the monitor logs it and backs off
                 wait = min(wait, self.heartbeat_monitor.failed(error))
                 if loop.time() - last_success < self.settings.lease_seconds:
                     continue
