@@ -186,3 +186,12 @@ def test_database_down_is_503_in_bounded_time(run_app: Callable[..., RunningApp]
     finally:
         proxy.stop()
     assert sorted(sql("SELECT text FROM watibot.message")) == [("after",), ("before",), ("during",)]
+
+
+def test_a_trailing_slash_is_a_404_never_a_redirect_carrying_the_passkey(app: RunningApp, sql: Sql) -> None:
+    """`POST /webhook/?passkey=…` is answered 404 with no Location header; nothing is stored."""
+    response = app.client.post("/webhook/", json=sample("message-text"), params={"passkey": PASSKEY},
+                               follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    assert count_messages(sql) == 0

@@ -67,3 +67,31 @@ def test_debug_text_logs_have_one_line_per_webhook_and_still_no_secrets(
     assert " worker=" in text
     for secret in (PASSKEY, WRONG_PASSKEY, WATI_TOKEN):
         assert secret not in text
+
+
+def test_text_log_lines_cannot_be_forged_or_colour_the_terminal() -> None:
+    """A newline, carriage return or ESC sequence in a message or a context field stays on its one line, spelled
+    out; a traceback still follows on its own lines."""
+    import logging
+
+    from watibot.logs import build_formatter
+
+    formatter = build_formatter("text")
+    record = logging.LogRecord("watibot.ingest", logging.WARNING, __file__, 1, "buffered %s",
+                               ("wamid.1\n2026-12-01 00:00:00 ERROR forged line\r\x1b[31m",), None)
+    record.conversation = "50322220000/bsuid\nforged=1"
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert "wamid.1\\n2026-12-01 00:00:00 ERROR forged line\\r\\x1b[31m" in line
+    assert "[conversation=50322220000/bsuid\\nforged=1" in line
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        import sys
+
+        failing = logging.LogRecord("watibot.loops", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    failing.conversation = "c/1"
+    text = formatter.format(failing)
+    first, _, traceback = text.partition("\n")
+    assert "failed [conversation=c/1" in first
+    assert traceback.startswith("Traceback") and "RuntimeError: boom" in traceback

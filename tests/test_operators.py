@@ -198,3 +198,44 @@ def test_operator_commands_on_an_unmigrated_database_say_to_migrate(database_url
     db.downgrade(database_url, "base")
     result = run(database_url, "status")
     assert (result.returncode, "schema is not migrated" in result.stderr) == (1, True)
+
+
+HOSTILE_TEXTS = [
+    "[/] unbalanced closing tag",
+    "[link=https://e.example]x[/link][bold red]URGENT[/] :smiley:",
+    "\x1b[2J\x1b[31mred and a cleared screen\x1b]8;;https://evil.example\x07link\x1b]8;;\x07",
+    "line one\rOVERWRITTEN \u202eevil\u202c \x00nul",
+]
+
+
+def test_operator_commands_print_customer_text_literally_with_control_characters_visible(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql,
+) -> None:
+    """Markup, emoji codes, ESC sequences, carriage returns and bidi overrides a customer wrote reach neither
+    `conversation` nor `dead` as markup or control codes: they print literally, escapes spelled out, exit 0."""
+    fake_wati.script = [Answer(status=401, body={"error": "bad token"})]
+    app = run_app(app_settings(database_url, fake_wati))
+    for n, text in enumerate(HOSTILE_TEXTS):
+        assert app.post(customer_message("50376819621", text, message_id=f"wamid.hostile.{n}")).status_code == 200
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'dead'") == [(1,)], what="dead")
+    sql("UPDATE watibot.burst SET error = %s", HOSTILE_TEXTS[1] + " " + HOSTILE_TEXTS[2])
+    story = run(database_url, "conversation", "50376819621")
+    dead = run(database_url, "dead")
+    for result in (story, dead):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\u202e" not in result.stdout
+        assert "\\x1b[2J" in squashed(result.stdout)
+    flat = squashed(story.stdout)
+    assert "[/]unbalancedclosingtag" in flat
+    assert "[link=https://e.example]x[/link][boldred]URGENT[/]" in flat
+    assert ":smiley:" in flat and "\N{SMILING FACE WITH OPEN MOUTH}" not in flat
+    assert "lineone⏎OVERWRITTEN\\u202eevil" in flat  # a carriage return splits lines as a newline does
+    assert "[link=https://e.example]x[/link][boldred]URGENT" in squashed(dead.stdout)
+
+
+def squashed(table: str) -> str:
+    """A table's text without whitespace and borders, so a cell's content reads whole however it wrapped."""
+    import re
+
+    return re.sub(r"[\s│┃║]", "", table)

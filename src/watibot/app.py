@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await wati_http.close()
             await pool.close()
 
-    app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan)
+    # No redirect for a trailing slash: Starlette's would send `POST /webhook/?passkey=…` to a plain-http Location
+    # carrying the passkey. `/webhook/` is a 404.
+    app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.include_router(ingest_router)
     app.add_middleware(WebhookFastPath)
     app.include_router(metrics_router)

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 _CONTEXT_FIELDS = ("conversation", "burst", "fence", "worker")
+# Characters that would let text a customer wrote forge a log line or drive a terminal: C0 and C1 controls (ESC,
+# newline, carriage return…), DEL, the line and paragraph separators and the bidirectional overrides.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """`text` with every control character spelled as an escape (`\\x1b`, `\\n`, `\\u202e`), the rest as is."""
+    return _INVISIBLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 _worker_id: str | None = None
 
 
@@ -39,10 +48,19 @@ class ContextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        """One line whatever the message holds: control characters are escaped (a traceback, appended after
+        this, keeps its lines)."""
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        context = " ".join(f"{name}={value}" for name, value in _context(record).items())
-        return f"{line} [{context}]" if context else line
+        context = " ".join(f"{name}={visible(str(value))}" for name, value in _context(record).items())
+        if not context:
+            return line
+        first, newline, rest = line.partition("\n")  # the context ends the message line, before a traceback
+        return f"{first} [{context}]{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):

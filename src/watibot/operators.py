@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from watibot.logs import visible
 from watibot.repository import ConversationStory, OperatorRepository, ReplayResult
 
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
@@ -28,8 +29,10 @@ def parse_duration(text: str) -> timedelta:
 
 
 def console() -> Console:
-    """stdout; wide when piped, so that scripts and greps see whole lines."""
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False)
+    """stdout; wide when piped, so that scripts and greps see whole lines. No markup and no emoji codes: what
+    customers wrote is printed as they wrote it (`[bold]` stays `[bold]`), control characters made visible."""
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False, markup=False,
+                   emoji=False)
 
 
 def _seconds(value: Any) -> str:
@@ -43,7 +46,7 @@ def _time(value: datetime | None) -> str:
 def _short(text: str | None, width: int = 70) -> str:
     if text is None:
         return ""
-    flat = " ⏎ ".join(text.splitlines())
+    flat = visible(" ⏎ ".join(text.splitlines()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -105,8 +108,9 @@ def render_conversation(out: Console, story: ConversationStory) -> None:
         state = f"claimed by {conversation['claimed_by']} until {_time(conversation['lease_expires_at'])}"
     elif conversation["due_at"]:
         state = f"due at {_time(conversation['due_at'])}"
-    out.print(f"conversation {conversation['channel']}/{conversation['customer']} (waId {conversation['wa_id']}): "
-              f"{state}" + (f"; last error: {conversation['last_error']}" if conversation["last_error"] else ""))
+    error = f"; last error: {_short(conversation['last_error'], 200)}" if conversation["last_error"] else ""
+    out.print(visible(f"conversation {conversation['channel']}/{conversation['customer']} "
+                      f"(waId {conversation['wa_id']}): {state}") + error)
     events: list[tuple[datetime, int, str, str, str]] = []
     for message in story.messages:
         where = f"burst {message['burst_id']}" if message["burst_id"] else "buffered"
@@ -136,7 +140,7 @@ def render_dead(out: Console, bursts: list[dict[str, Any]]) -> None:
     for column in ("burst", "status", "conversation", "messages", "attempts", "finished", "reason"):
         table.add_column(column)
     for burst in bursts:
-        table.add_row(str(burst["burst_id"]), burst["status"], f"{burst['channel']}/{burst['customer']}",
+        table.add_row(str(burst["burst_id"]), burst["status"], visible(f"{burst['channel']}/{burst['customer']}"),
                       str(burst["messages"]), str(burst["attempts"]), _time(burst["finished_at"]),
                       _short(burst["reason"], 100))
     out.print(table)
