@@ -91,3 +91,41 @@ def test_webhook_url_uses_the_generated_passkey_when_none_is_set(database_url: s
     configured = watibot("webhook-url", env={"WATIBOT_DATABASE_URL": database_url,
                                              "WATIBOT_WEBHOOK_PASSKEY": PASSKEY})
     assert configured.stdout.strip().endswith(f"passkey={PASSKEY}")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay", "999999999999999999999"], ["replay", "0"], ["replay", "-3"], ["replay", "1e3"],
+        ["dead", "--limit", "99999999999999999999"], ["dead", "--limit", "0"], ["dead", "--limit", "ten"],
+        ["prune", "--older-than", "30d", "--batch-size", "99999999999999999999"],
+        ["prune", "--older-than", "30d", "--batch-size", "-1"],
+        ["prune", "--older-than", "99999999999d"], ["prune", "--older-than", "36501d"],
+        ["prune", "--older-than", "999999999999999999999w"],
+        ["conversation", "\udcff\udcfe"], ["conversation", "5" * 513],
+        ["serve", "--workers", "0"], ["serve", "--port", "70000"], ["serve", "--workers", "many"],
+    ],
+)
+def test_bad_command_arguments_are_usage_errors_without_a_traceback(database_url: str, args: list[str]) -> None:
+    """Out-of-range numbers, absurd ages and identifiers that are not UTF-8 exit 2 with a message, touching nothing."""
+    result = watibot(*args, env={"WATIBOT_DATABASE_URL": database_url})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: argument" in result.stderr
+
+
+@pytest.mark.parametrize("revision", ["0001_core", "base", "0005_batched_steps", "no_such_revision"])
+def test_migrate_refuses_to_go_back_or_to_an_unknown_revision_and_changes_nothing(
+    database_url: str, sql: Sql, revision: str
+) -> None:
+    """`watibot migrate OLDER` on a database at head exits 2 saying it only upgrades; the schema stays at head."""
+    from watibot import db
+
+    result = watibot("migrate", revision, env={"WATIBOT_DATABASE_URL": database_url})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("migrate only upgrades" in result.stderr or "downgrade to nothing" in result.stderr
+            or "unknown revision" in result.stderr)
+    assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
+    again = watibot("migrate", env={"WATIBOT_DATABASE_URL": database_url})
+    assert (again.returncode, f"database at {db.SCHEMA_REVISION}" in again.stderr) == (0, True)

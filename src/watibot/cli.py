@@ -134,8 +134,13 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     with _database(settings) as url:
         target = settings.migration_database_url or url
         asyncio.run(db.wait_for_database(target, settings.db_startup_timeout_seconds))
-        db.upgrade(target, args.revision)
-    print(f"watibot: database at {args.revision}", file=sys.stderr)
+        try:
+            db.upgrade(target, args.revision)
+        except db.MigrationRefused as error:
+            print(f"watibot: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        revision = db.current_revision(target)
+    print(f"watibot: database at {revision}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -264,23 +269,52 @@ def cmd_webhook_url(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_AGE_DAYS = 36_500  # a hundred years: any longer cutoff is before every row (and past datetime's range)
+BIGINT_MAX = 2**63 - 1  # burst ids are PostgreSQL bigints
+
+
 def _duration(text: str) -> Any:
+    from datetime import timedelta
+
     from watibot.operators import parse_duration
 
     try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+        value = parse_duration(text)
+    except (ValueError, OverflowError) as error:
+        raise argparse.ArgumentTypeError(str(error) if isinstance(error, ValueError)
+                                         else f"{text!r} is longer than {MAX_AGE_DAYS} days") from None
+    if value > timedelta(days=MAX_AGE_DAYS):
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {MAX_AGE_DAYS} days")
     return value
+
+
+def _whole(maximum: int, minimum: int = 1) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` to `maximum`, else a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not between {minimum} and {maximum}")
+        return value
+
+    return parse
+
+
+_positive = _whole(1_000_000)
+
+
+def _text_argument(text: str) -> str:
+    """An argparse type: text that is valid UTF-8 (a shell can pass any bytes) and not absurdly long."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    if len(text) > 512:
+        raise argparse.ArgumentTypeError("is longer than 512 characters")
+    return text
 
 
 EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error."
@@ -305,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "/metrics counters through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory "
                                 "unless set; emptied at start). SIGTERM stops gracefully.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8006, help="port to listen on (default 8006)")
-    serve.add_argument("--workers", type=int, default=4, help="uvicorn worker processes (default 4)")
+    serve.add_argument("--port", type=_whole(65535), default=8006, help="port to listen on (default 8006)")
+    serve.add_argument("--workers", type=_whole(256), default=4, help="uvicorn worker processes (default 4)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations before starting")
     serve.set_defaults(handler=cmd_serve)
 
@@ -328,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "conversation", help="one customer's messages, bursts and replies in order",
         description="Print a customer's conversation as a timeline: each message (and the burst that consumed "
         "it), each burst (status, attempts), each reply and error. Exit 1 when there is no such conversation.")
-    conversation.add_argument("wa_id", metavar="WAID", help="the customer's waId (or bsuid)")
+    conversation.add_argument("wa_id", metavar="WAID", type=_text_argument, help="the customer's waId (or bsuid)")
     conversation.set_defaults(handler=cmd_conversation)
 
     dead = commands.add_parser("dead", help="bursts that need a human, with reasons",
@@ -345,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the conversation due now (if a worker holds it, its completion schedules them). The burst becomes "
         "'replayed'. Replaying an attention burst may send the customer a second reply: check WATI first. "
         "Exit 1 (nothing changed) for a burst that does not exist or is not dead/attention.")
-    replay.add_argument("burst_id", metavar="BURST_ID", type=int, help="the burst id (watibot dead lists them)")
+    replay.add_argument("burst_id", metavar="BURST_ID", type=_whole(BIGINT_MAX),
+                        help="the burst id (watibot dead lists them)")
     replay.set_defaults(handler=cmd_replay)
 
     prune = commands.add_parser(

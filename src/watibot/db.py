@@ -250,11 +250,51 @@ def alembic_config(url: str) -> Any:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (synchronously; alembic runs its own event loop)."""
-    from alembic import command
+class MigrationRefused(Exception):
+    """`upgrade` was asked for a revision it does not know, or one older than the database's (a downgrade)."""
 
-    command.upgrade(alembic_config(url), revision)
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at (None before the first migration), read the way alembic reads it."""
+    import sqlalchemy
+    from alembic.runtime.migration import MigrationContext
+
+    engine = sqlalchemy.create_engine(sqlalchemy_url(url))
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table_schema": "watibot"})
+            return context.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision` (synchronously; alembic runs its own event loop).
+
+    Refuses (MigrationRefused) a revision that is unknown, or that the database is already past: upgrading to
+    an older revision would silently do nothing, and going back is a downgrade (`downgrade`, deliberately).
+    """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    config = alembic_config(url)
+    script = ScriptDirectory.from_config(config)
+    try:
+        wanted = script.get_revision(revision)
+    except CommandError as error:
+        raise MigrationRefused(f"unknown revision {revision!r} ({error})") from None
+    current = current_revision(url)
+    if current is not None and wanted is not None and wanted.revision != current:
+        older = {step.revision for step in script.iterate_revisions(current, "base")}
+        if wanted.revision in older:
+            raise MigrationRefused(
+                f"the database is at {current}, past {wanted.revision}: migrate only upgrades. To go back, run "
+                f"`alembic downgrade {wanted.revision}` from this release's checkout, knowing that code older than "
+                f"the schema's oldest served revision stops (deploy/README.md, Rolling upgrade)")
+    if revision == "base" and current is not None:
+        raise MigrationRefused(f"the database is at {current}: `base` would be a downgrade to nothing")
+    command.upgrade(config, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
