@@ -70,7 +70,7 @@ def test_delivery_reports_update_the_burst_and_a_failure_needs_attention(
     wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'sent'") == [(2,)])
     delivered = sample("sent-message-delivered-v2", localMessageId=first["local_message_id"])
     read = {**delivered, "eventType": "sentMessageREAD_v2"}
-    failed = sample("session-message-failed", localMessageId=second["local_message_id"])
+    failed = sample("session-message-failed", localMessageId=second["local_message_id"], waId="50376819622")
     assert [app.post(event).json()["status"] for event in (delivered, read, failed)] == ["recorded"] * 3
     rows = sql("SELECT status, delivery_status, delivered_at IS NOT NULL, read_at IS NOT NULL, error "
                "FROM watibot.burst ORDER BY id")
@@ -122,3 +122,35 @@ def test_media_resolver_describes_non_text_messages(
     assert fake_agent.requests[0]["json"]["prompt"] == (
         "<image at data/images/3f1c2a9e-7b1d-4c55-9d0e-2a6b8e4f1c11.jpg showing a double room> "
         "¿Esta es la habitación doble?")
+
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"waId": "50376819699"}, "another customer's number"),
+        ({"waId": None}, "no customer at all"),
+        ({"channelPhoneNumber": "50399999999"}, "another channel"),
+        ({"waId": "50376819699", "channelPhoneNumber": None}, "another customer, no channel"),
+    ],
+)
+def test_a_delivery_report_naming_another_customer_moves_nothing(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql,
+    changes: dict[str, Any], why: str,
+) -> None:
+    """A failure report carrying one of our localMessageIds but naming another customer (or none, or another
+    channel) is answered `ignored` and leaves the burst sent; the right customer's report moves it."""
+    app = run_app(app_settings(database_url, fake_wati))
+    app.post(customer_message("50376819621", "one"))
+    (sent,) = fake_wati.wait_for_sent(1)
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)])
+    forged = sample("session-message-failed", localMessageId=sent["local_message_id"], waId="50376819621",
+                    channelPhoneNumber="50322220000")
+    forged.update(changes)
+    forged = {key: value for key, value in forged.items() if value is not None}
+    assert app.post(forged).json() == {"status": "ignored"}, why
+    assert sql("SELECT status, delivery_status FROM watibot.burst") == [("sent", None)]
+    genuine = sample("session-message-failed", localMessageId=sent["local_message_id"], waId="50376819621",
+                     channelPhoneNumber="50322220000")
+    assert app.post(genuine).json() == {"status": "recorded"}
+    assert sql("SELECT status, delivery_status FROM watibot.burst") == [("attention", "failed")]

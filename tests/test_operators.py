@@ -239,3 +239,30 @@ def squashed(table: str) -> str:
     import re
 
     return re.sub(r"[\s│┃║]", "", table)
+
+
+def test_replay_of_a_burst_wati_accepted_is_refused_without_force(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql,
+) -> None:
+    """An attention burst whose reply WATI accepted (delivery failed later) is not replayed without --force, nor
+    one whose send outcome is unknown; each refusal says why and changes nothing; --force replays."""
+    from tests.conftest import sample
+
+    app = run_app(app_settings(database_url, fake_wati))
+    app.post(customer_message("50376819621", "accepted then failed"))
+    (sent,) = fake_wati.wait_for_sent(1)
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)])
+    failed = sample("session-message-failed", localMessageId=sent["local_message_id"], waId="50376819621")
+    assert app.post(failed).json() == {"status": "recorded"}
+    (burst_id,) = sql("SELECT id FROM watibot.burst WHERE status = 'attention'")[0]
+    refused = run(database_url, "replay", str(burst_id))
+    assert refused.returncode == 1
+    assert "WATI accepted its reply" in refused.stderr and "--force" in refused.stderr
+    assert sql("SELECT status FROM watibot.burst") == [("attention",)]
+    sql("UPDATE watibot.burst SET sent_at = NULL, parts_sent = 0, sending_part = 0")  # as a send cut mid-flight
+    unknown = run(database_url, "replay", str(burst_id))
+    assert (unknown.returncode, "outcome is unknown" in unknown.stderr) == (1, True)
+    forced = run(database_url, "replay", "--force", str(burst_id))
+    assert forced.returncode == 0, forced.stderr
+    assert sql("SELECT status FROM watibot.burst WHERE id = %s", burst_id) == [("replayed",)]
+    fake_wati.wait_for_sent(2)

@@ -234,7 +234,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from watibot.repository import ReplayRefused
 
     try:
-        result = asyncio.run(_with_current_schema(settings, lambda repository: repository.replay(args.burst_id)))
+        result = asyncio.run(_with_current_schema(
+            settings, lambda repository: repository.replay(args.burst_id, force=args.force)))
     except ReplayRefused as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -377,10 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="put a dead or attention burst's messages back in the buffer",
         description="Put the messages of a dead or attention burst back in its conversation's buffer and make "
         "the conversation due now (if a worker holds it, its completion schedules them). The burst becomes "
-        "'replayed'. Replaying an attention burst may send the customer a second reply: check WATI first. "
-        "Exit 1 (nothing changed) for a burst that does not exist or is not dead/attention.")
+        "'replayed'. A burst whose reply WATI accepted, or whose send outcome is unknown, may already have reached "
+        "the customer: it is refused without --force. Exit 1 (nothing changed) for a burst that does not exist, "
+        "is not dead/attention, or needs --force.")
     replay.add_argument("burst_id", metavar="BURST_ID", type=_whole(BIGINT_MAX),
                         help="the burst id (watibot dead lists them)")
+    replay.add_argument("--force", action="store_true",
+                        help="replay even a burst whose reply WATI accepted or whose send outcome is unknown "
+                        "(the customer may get a second answer)")
     replay.set_defaults(handler=cmd_replay)
 
     prune = commands.add_parser(

@@ -62,11 +62,14 @@ class OperatorMessage:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryUpdate:
-    """WATI's report on a reply we sent (recognised by our localMessageId)."""
+    """WATI's report on a reply we sent (recognised by our localMessageId), naming the customer it went to."""
 
     burst_id: int
     state: str  # delivered | read | replied | failed
     error: str | None
+    customer: str  # bsuid or waId: the report moves the burst only if it belongs to this customer
+    wa_id: str | None
+    channel: str | None  # the number it was sent from, when the report says
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,20 @@ def _customer_key(body: dict[str, Any]) -> tuple[str | None, str | None]:
     return _optional_string(body, "bsuid") or wa_id, wa_id
 
 
+def _delivery_update(event_type: str, body: dict[str, Any]) -> DeliveryUpdate | OtherEvent:
+    """A report on one of our replies; another event when it is not ours or names no customer (whose reply it
+    is could not be checked: anyone can post a localMessageId)."""
+    burst_id = our_burst_id(body.get("localMessageId"))
+    customer, wa_id = _customer_key(body)
+    if burst_id is None or customer is None:
+        return OtherEvent(event_type)
+    error = None
+    if DELIVERY_EVENTS[event_type] == "failed":
+        error = f"{body.get('failedCode')}: {body.get('failedDetail')}"[:1000]
+    return DeliveryUpdate(burst_id, DELIVERY_EVENTS[event_type], error, customer, wa_id,
+                          _optional_string(body, "channelPhoneNumber"))
+
+
 def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | DeliveryUpdate | OtherEvent:
     """Classify a decoded webhook body: a customer message to buffer, an operator's message, a delivery report
     on one of our replies, or another event to acknowledge."""
@@ -196,13 +213,7 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
     if not isinstance(owner, bool):
         raise PayloadError("field 'owner' must be true or false")
     if event_type in DELIVERY_EVENTS:
-        burst_id = our_burst_id(body.get("localMessageId"))
-        if burst_id is None:
-            return OtherEvent(event_type)
-        error = None
-        if DELIVERY_EVENTS[event_type] == "failed":
-            error = f"{body.get('failedCode')}: {body.get('failedDetail')}"[:1000]
-        return DeliveryUpdate(burst_id, DELIVERY_EVENTS[event_type], error)
+        return _delivery_update(event_type, body)
     if event_type in OPERATOR_EVENTS or (event_type in CUSTOMER_EVENTS and owner):
         customer, wa_id = _customer_key(body)
         if customer is None:

@@ -108,20 +108,25 @@ RETURNING 1
 # once; a repeat could reach the customer twice, and 24-hour window failures cannot succeed): the burst goes to
 # attention with the reason.
 DELIVERY_UPDATE = """
-UPDATE watibot.burst SET
+UPDATE watibot.burst AS b SET
     delivery_status = CASE
-        WHEN $2 = 'failed' OR delivery_status = 'failed' THEN 'failed'
-        WHEN $2 = 'replied' OR delivery_status = 'replied' THEN 'replied'
-        WHEN $2 = 'read' OR delivery_status = 'read' THEN 'read'
+        WHEN $2 = 'failed' OR b.delivery_status = 'failed' THEN 'failed'
+        WHEN $2 = 'replied' OR b.delivery_status = 'replied' THEN 'replied'
+        WHEN $2 = 'read' OR b.delivery_status = 'read' THEN 'read'
         ELSE 'delivered' END,
-    delivered_at = CASE WHEN $2 <> 'failed' THEN COALESCE(delivered_at, now()) ELSE delivered_at END,
-    read_at = CASE WHEN $2 IN ('read', 'replied') THEN COALESCE(read_at, now()) ELSE read_at END,
-    delivery_error = COALESCE($3, delivery_error),
-    status = CASE WHEN $2 = 'failed' AND status = 'sent' THEN 'attention' ELSE status END,
+    delivered_at = CASE WHEN $2 <> 'failed' THEN COALESCE(b.delivered_at, now()) ELSE b.delivered_at END,
+    read_at = CASE WHEN $2 IN ('read', 'replied') THEN COALESCE(b.read_at, now()) ELSE b.read_at END,
+    delivery_error = COALESCE($3, b.delivery_error),
+    status = CASE WHEN $2 = 'failed' AND b.status = 'sent' THEN 'attention' ELSE b.status END,
     error = CASE WHEN $2 = 'failed' THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || $3
-                 ELSE error END
-WHERE id = $1
-RETURNING id
+                 ELSE b.error END
+FROM watibot.conversation AS c
+WHERE b.id = $1
+  -- only the burst of the customer (and channel) the report names: anyone can post a localMessageId
+  AND c.channel = b.channel AND c.customer = b.customer
+  AND (c.customer = $4 OR c.wa_id = $5)
+  AND ($6::text IS NULL OR b.channel = $6)
+RETURNING b.id
 """
 
 # -- claim ------------------------------------------------------------------------------------------------------
@@ -521,7 +526,8 @@ class Repository:
     async def delivery_update(self, event: DeliveryUpdate) -> bool:
         """Record WATI's delivery report on one of our bursts; False when no such burst exists."""
         async with connection(self.pool, self.timeout) as conn:
-            row = await conn.fetchval(DELIVERY_UPDATE, event.burst_id, event.state, event.error)
+            row = await conn.fetchval(DELIVERY_UPDATE, event.burst_id, event.state, event.error, event.customer,
+                                      event.wa_id, event.channel)
         return row is not None
 
     # -- claims --
@@ -812,7 +818,7 @@ LOCK_CONVERSATION = """
 SELECT claimed_by FROM watibot.conversation WHERE channel = $1 AND customer = $2 FOR UPDATE
 """
 
-LOCK_BURST = "SELECT status FROM watibot.burst WHERE id = $1 FOR UPDATE"
+LOCK_BURST = "SELECT status, sent_at, parts_sent, sending_part FROM watibot.burst WHERE id = $1 FOR UPDATE"
 
 UNCONSUME_MESSAGES = "UPDATE watibot.message SET burst_id = NULL WHERE burst_id = $1"
 
@@ -938,17 +944,31 @@ class OperatorRepository(Repository):
         async with connection(self.pool, self.timeout) as conn:
             return [dict(row) for row in await conn.fetch(DEAD_BURSTS, limit)]
 
-    async def replay(self, burst_id: int) -> ReplayResult:
-        """Put a dead or attention burst's messages back in the buffer and make its conversation due now."""
+    async def replay(self, burst_id: int, *, force: bool = False) -> ReplayResult:
+        """Put a dead or attention burst's messages back in the buffer and make its conversation due now.
+
+        A burst whose reply WATI accepted (in part or whole), or whose send has an unknown outcome, may have
+        reached the customer: replaying it answers them again, so that takes `force`.
+        """
         async with connection(self.pool, self.timeout) as conn, conn.transaction():
             target = await conn.fetchrow(BURST_CONVERSATION, burst_id)
             if target is None:
                 raise ReplayRefused(f"burst {burst_id} does not exist")
             key = (target["channel"], target["customer"])
             claimed_by = await conn.fetchval(LOCK_CONVERSATION, *key)
-            status = await conn.fetchval(LOCK_BURST, burst_id)
+            burst = await conn.fetchrow(LOCK_BURST, burst_id)
+            status = burst["status"]
             if status not in PROBLEM_STATUSES:
                 raise ReplayRefused(f"burst {burst_id} is {status}: only dead or attention bursts can be replayed")
+            if not force and (burst["sent_at"] is not None or burst["parts_sent"] > 0):
+                raise ReplayRefused(
+                    f"burst {burst_id} ({status}): WATI accepted its reply ({burst['parts_sent'] or 'all'} part(s), "
+                    f"{burst['sent_at'] or 'time not recorded'}); a replay sends the customer another answer. "
+                    "Check `watibot conversation`, then use --force to replay anyway")
+            if not force and burst["sending_part"] is not None:
+                raise ReplayRefused(
+                    f"burst {burst_id} ({status}): its send's outcome is unknown, it may have reached the customer; "
+                    "a replay may answer them twice. Check WATI's message history, then use --force")
             moved = await conn.execute(UNCONSUME_MESSAGES, burst_id)
             await conn.execute(MARK_REPLAYED, burst_id)
             await conn.execute(SCHEDULE_REPLAY, *key)
