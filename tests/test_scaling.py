@@ -31,9 +31,11 @@ def test_workers_added_and_removed_under_load_lose_and_duplicate_nothing(
 ) -> None:
     """SIGTTIN adds a worker that claims work; two SIGTTOUs remove workers holding bursts slower than the grace
     period (handed back, taken at once); every acknowledged message is answered exactly once."""
-    fake_agent.default = lambda request: Answer(body=echo_reply, delay=1.5)  # longer than the grace period
+    # Every worker's slots stay full of bursts the agent takes 3 s over, six times the grace period: each removed
+    # worker holds bursts it cannot finish in time, whichever moment the signal comes.
+    fake_agent.default = lambda request: Answer(body=echo_reply, delay=3.0)
     env = serve_environment(fault_db, fake_wati, WATIBOT_AGENT="http", WATIBOT_AGENT_URL=fake_agent.url,
-                            WATIBOT_BUFFER_SECONDS="0.3", WATIBOT_SHUTDOWN_GRACE_SECONDS="1",
+                            WATIBOT_BUFFER_SECONDS="0.3", WATIBOT_SHUTDOWN_GRACE_SECONDS="0.5",
                             WATIBOT_CONCURRENCY="8")
     serve = processes(env, workers=2)
     serve.wait_ready()
