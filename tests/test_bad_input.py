@@ -46,8 +46,25 @@ def nested(depth: int) -> bytes:
     return f'{head}, "data": {"[" * depth}{"]" * depth}}}'.encode()
 
 
+def with_raw(field: str, raw: str) -> bytes:
+    """The sample message with `field` set to a raw JSON token (numbers json.dumps cannot or would not write)."""
+    head = json.dumps({k: v for k, v in sample("message-text").items() if k != field})[:-1]
+    return f'{head}, "{field}": {raw}}}'.encode()
+
+
 TEXT = sample("message-text")["text"]
 CASES = [
+    Case("integer of 5,000 digits", with_raw("x", "1" + "0" * 4999), 422, detail="more than 100 digits"),
+    Case("negative integer of 5,000 digits", with_raw("x", "-" + "9" * 5000), 422, detail="more than 100 digits"),
+    Case("timestamp of 400 digits", with_raw("timestamp", "1" + "0" * 399), 422, detail="more than 100 digits"),
+    Case("timestamp of 60 digits (beyond unix seconds)", with_raw("timestamp", "1" + "0" * 59), 422,
+         detail="out of range"),
+    Case("timestamp string 1e400", body(timestamp="1e400"), 422, detail="field 'timestamp'"),
+    Case("bsuid of 512 CJK characters", body(bsuid="界" * 512), 422, detail="field 'bsuid' is longer than 600 bytes"),
+    Case("channelPhoneNumber of 512 CJK characters", body(channelPhoneNumber="界" * 512), 422,
+         detail="field 'channelPhoneNumber' is longer than 600 bytes"),
+    Case("message id of 300 CJK characters", body(whatsappMessageId="界" * 300), 422,
+         detail="field 'whatsappMessageId' is longer than 600 bytes"),
     Case("non-JSON", b"hello there", 422, detail="not valid JSON"),
     Case("empty body", b"", 422, detail="not valid JSON"),
     Case("invalid UTF-8", b'{"text": "\xff\xfe"}', 422, detail="not UTF-8"),

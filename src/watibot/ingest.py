@@ -126,8 +126,12 @@ async def webhook(request: Request) -> JSONResponse:
 
 
 async def answer(request: Request) -> JSONResponse:
-    """The answer to one webhook request, counted and logged."""
-    response, status = await _receive(request)
+    """The answer to one webhook request, counted and logged (a bug's 500 too)."""
+    try:
+        response, status = await _receive(request)
+    except Exception:
+        log.exception("webhook failed with an unexpected error; nothing is known to be stored")
+        response, status = _error(500, "internal error; retry later"), None
     label = count_webhook(response.status_code, status)
     if label not in _LOGGED_BY_RECEIVE:  # one debug line per webhook, whatever the answer
         log.debug("webhook answered %d %s", response.status_code, label)

@@ -34,14 +34,14 @@ MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 WEBHOOK_STATUSES = ("buffered", "duplicate", "paused", "recorded", "ignored", "unauthorized", "too_large",
                     "unsupported_media_type", "invalid", "unavailable")
 _STATUS_BY_CODE = {401: "unauthorized", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
-                   503: "unavailable"}
+                   500: "error", 503: "unavailable"}
 BURST_OUTCOMES = ("sent", "no_reply", "dead", "attention", "superseded", "expired", "human")
 # The upper bounds of watibot.histogram_bucket (migration 0003), in order.
 DATABASE_BUCKETS = ("0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300", "600", "+Inf")
 
 _process_registry = CollectorRegistry()
 WEBHOOKS = Counter("watibot_webhooks", "Webhook requests answered, by status: buffered, duplicate, ignored, or "
-                   "the refusal (unauthorized, too_large, unsupported_media_type, invalid, unavailable).",
+                   "the refusal (unauthorized, too_large, unsupported_media_type, invalid, unavailable, error).",
                    ["status"], registry=_process_registry)
 WATI_SEND_SECONDS = Histogram("watibot_wati_send_seconds", "Time of one WATI sendSessionMessage call, by outcome "
                               "(accepted, rejected, unknown).", ["outcome"], registry=_process_registry,

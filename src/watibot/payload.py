@@ -24,6 +24,9 @@ DELIVERY_EVENTS = {
 _OUR_LOCAL_ID = re.compile(r"^([0-9]{1,18})(?:\.[0-9]{1,4})?$")
 _DIGITS = re.compile(r"^[0-9]{5,20}$")
 MAX_ID_LENGTH = 512
+# Identifiers are indexed (channel + customer together, message ids alone): a btree entry holds ~2,700 bytes, so
+# each is bounded in bytes too. 512 ASCII characters fit; 512 CJK characters (1,536 bytes) twice would not.
+MAX_ID_BYTES = 600
 # WATI payloads are a few levels deep; far deeper ones are refused before PostgreSQL's jsonb parser could hit
 # its stack limit (which would otherwise surface as a server error).
 MAX_DEPTH = 32
@@ -94,10 +97,23 @@ def _finite(text: str) -> float:
     return value
 
 
+class _HugeInteger(ValueError):
+    """An integer with more digits than any WATI field has (Python refuses past 4,300 digits, slowly)."""
+
+
+MAX_INTEGER_DIGITS = 100
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _HugeInteger(f"{text[:20]}… ({len(text)} characters)")
+    return int(text)
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
     """Decode a webhook body into a JSON object, or raise `PayloadError`."""
     try:
-        value = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
+        value = json.loads(body, parse_constant=_not_a_number, parse_float=_finite, parse_int=_bounded_int)
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -107,6 +123,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
     except _NonFinite as error:
         raise PayloadError(f"body holds a number PostgreSQL cannot store (NaN, Infinity or out of range): "
                            f"{error}") from None
+    except _HugeInteger as error:
+        raise PayloadError(f"body holds an integer of more than {MAX_INTEGER_DIGITS} digits: {error}") from None
     if not isinstance(value, dict):
         raise PayloadError(f"body must be a JSON object, not {type(value).__name__}")
     # Both walks below are skipped when the raw text rules them out (each cost ~3 % of an ingest worker):
@@ -156,6 +174,8 @@ def _optional_string(body: dict[str, Any], field: str) -> str | None:
     text = str(value).strip()
     if len(text) > MAX_ID_LENGTH:
         raise PayloadError(f"field '{field}' is longer than {MAX_ID_LENGTH} characters")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:  # PostgreSQL indexes bytes, not characters
+        raise PayloadError(f"field '{field}' is longer than {MAX_ID_BYTES} bytes in UTF-8")
     return text or None
 
 
@@ -167,7 +187,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         raise PayloadError("field 'timestamp' must be unix seconds")
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise PayloadError("field 'timestamp' must be unix seconds (a number or a string of digits)") from None
     if not _MIN_TIMESTAMP <= seconds <= _MAX_TIMESTAMP:
         raise PayloadError("field 'timestamp' is out of range for unix seconds")
