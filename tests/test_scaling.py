@@ -74,7 +74,10 @@ def test_workers_added_and_removed_under_load_lose_and_duplicate_nothing(
     assert len(removed) == 2
     wait_drained(fault_sql, timeout=120)
     counts = check_invariant(fault_sql, fake_wati, result.acknowledged)
-    assert not result.refused, f"scaling refused nothing: {dict(result.refused)}"
+    # A webhook sent on a keep-alive connection just as the removed worker closes it sees the connection reset
+    # (HTTP/1.1's race; nothing acknowledged, WATI retries): allowed. An HTTP error is not.
+    answered_errors = {outcome: n for outcome, n in result.refused.items() if outcome.startswith("HTTP")}
+    assert not answered_errors, f"scaling answered no webhook with an error: {dict(result.refused)}"
     log = serve.log_path.read_text()
     handed_back = log.count("handed the claim back")
     taken_over = log.count("took over from")

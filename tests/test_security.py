@@ -72,3 +72,36 @@ def test_no_sql_is_built_by_string_formatting() -> None:
             if text and _SQL_WORDS.search(text):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+def test_a_hostile_bsuid_cannot_change_the_wati_request_path_or_query(
+    run_app: Callable[..., Any], database_url: str, fake_wati: FakeWati,
+) -> None:
+    """A bsuid made of `../`, `?`, `&` and `#` reaches WATI as one escaped path segment: the request goes to
+    sendSessionMessage with watibot's own query, never to another path or with an injected parameter."""
+    import time
+
+    from tests.conftest import app_settings, sample
+
+    hostile = [
+        "../../../evil/x?messageText=INJECTED&localMessageId=9#",
+        "a/b/../../sendTemplateMessage",
+        "%2e%2e%2fencoded%3Fq=1",
+    ]
+    app = run_app(app_settings(database_url, fake_wati))
+    for n, bsuid in enumerate(hostile):
+        event = sample("message-bsuid", bsuid=bsuid, whatsappMessageId=f"wamid.hostile-bsuid.{n}",
+                       text=f"hello {n}", timestamp=str(int(time.time())))
+        assert app.post(event).json() == {"status": "buffered"}
+    fake_wati.wait_for_sent(len(hostile))
+    from urllib.parse import unquote
+
+    for request in fake_wati.requests:
+        prefix = f"/{FakeWati.TENANT}/api/v1/sendSessionMessage/"
+        assert request["path"].startswith(prefix)
+        segment = request["path"].removeprefix(prefix)
+        assert "/" not in segment and "?" not in segment and "#" not in segment
+        assert unquote(segment) in hostile
+        assert set(request["query"]) == {"messageText", "localMessageId"}
+        assert "INJECTED" not in request["query"]["messageText"]
+        assert request["query"]["localMessageId"].isdigit()

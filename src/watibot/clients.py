@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from urllib.parse import quote
 
 import aiohttp
 import httpx
+import yarl
 from httpx_aiohttp import AiohttpTransport
 
 from watibot.settings import Settings
@@ -104,7 +106,8 @@ class WatiClient:
         """
         if self.base_url is None:
             raise SendRejected("WATIBOT_WATI_API_URL is not set: reply not sent", permanent=True)
-        url = f"{self.base_url}/api/v1/sendSessionMessage/{wa_id}"
+        # The target is one escaped path segment: a bsuid is customer-controlled text ("../", "?", "#").
+        url = f"{self.base_url}/api/v1/sendSessionMessage/{quote(wa_id, safe='')}"
         try:
             async with self.session.post(
                 url,
