@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 import aiohttp
 import httpx
-import yarl
 from httpx_aiohttp import AiohttpTransport
 
 from watibot.settings import Settings
