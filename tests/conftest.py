@@ -310,19 +310,27 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
     cluster.stop("immediate")
 
 
+@contextlib.contextmanager
+def fresh_database(cluster: EmbeddedCluster, prefix: str) -> Iterator[str]:
+    """A new empty database on `cluster` (its DSN), dropped afterwards (the cluster is started again first)."""
+    cluster.start()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    try:
+        yield cluster.url(name)
+    finally:
+        cluster.start()
+        with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def fault_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
     """A fresh migrated database on the fault cluster (which is running again after the test)."""
-    fault_cluster.start()
-    name = f"fault_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    url = fault_cluster.url(name)
-    db.upgrade(url)
-    yield url
-    fault_cluster.start()
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+    with fresh_database(fault_cluster, "fault") as url:
+        db.upgrade(url)
+        yield url
 
 
 def sql_on(url: str) -> Sql:

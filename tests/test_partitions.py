@@ -114,6 +114,21 @@ def _stored_late(sql: Sql, host: Host) -> int:
     return int(sql("SELECT count(*) FROM watibot.message WHERE text LIKE %s", f"cut-{host.name}-%")[0][0])
 
 
+def _heal_and_rejoin(host: Host, links: list[TcpProxy], sql: Sql, wati: FakeWati, acknowledged: set[str],
+                     text: str) -> tuple[float, dict[str, int]]:
+    """Heal `links`, wait until the host is ready, have it take a new message, drain and check the invariant;
+    returns seconds from the heal to readiness and the invariant's counts."""
+    for link in links:
+        link.heal()
+    healed_at = time.monotonic()
+    wait_until(host.ready, timeout=60, what=f"{host.name} to be ready again")
+    rejoined = time.monotonic() - healed_at
+    assert post(host.serve, message("50373000001", text)) == 200
+    acknowledged.add(text)
+    wait_drained(sql)
+    return rejoined, check_invariant(sql, wati, acknowledged)
+
+
 def _post_during_cut(host: Host, number: int) -> list[int]:
     """Webhooks sent to a cut-off host: their statuses (none may be 200)."""
     return [post(host.serve, message(f"50379{number:06d}", f"cut-{host.name}-{number}-{n}"), timeout=20)
@@ -152,14 +167,7 @@ def test_a_host_cut_off_from_postgresql_mid_burst_is_taken_over_and_fenced_out(
     wait_until(lambda: a.log().count("database error mid-burst") + a.log().count("lease lost") >= customers,
                timeout=30, what="A to give its bursts up")
 
-    a.database.heal()
-    healed_at = time.monotonic()
-    wait_until(a.ready, timeout=60, what="A to be ready again")
-    rejoined = time.monotonic() - healed_at
-    assert post(a.serve, message("50373000001", "a-after")) == 200
-    acknowledged.add("a-after")
-    wait_drained(fault_sql)
-    counts = check_invariant(fault_sql, fake_wati, acknowledged)
+    rejoined, counts = _heal_and_rejoin(a, [a.database], fault_sql, fake_wati, acknowledged, "a-after")
     assert not [s for s in fake_wati.sent if "STALE" in (s["text"] or "")], "A's late replies were never sent"
     assert fault_sql("SELECT count(*) FROM watibot.burst WHERE reply LIKE '%STALE%'") == [(0,)], \
         "A's held writes, delivered after the heal, changed nothing"
@@ -197,15 +205,7 @@ def test_a_host_cut_off_from_everything_is_taken_over_and_rejoins(
     assert b.log().count("took over from host-a:") == customers
     wait_until(lambda: a.log().count("lease lost") >= customers, timeout=30, what="A to notice its leases are gone")
 
-    for link in a.links:
-        link.heal()
-    healed_at = time.monotonic()
-    wait_until(a.ready, timeout=60, what="A to be ready again")
-    rejoined = time.monotonic() - healed_at
-    assert post(a.serve, message("50375000001", "a-after-total")) == 200
-    acknowledged.add("a-after-total")
-    wait_drained(fault_sql)
-    counts = check_invariant(fault_sql, fake_wati, acknowledged)
+    rejoined, counts = _heal_and_rejoin(a, a.links, fault_sql, fake_wati, acknowledged, "a-after-total")
     assert not [s for s in fake_wati.sent if "STALE" in (s["text"] or "")]
     print(f"\ntotal partition of one host: {customers} bursts answered by B {taken_over:.1f} s after the cut "
           f"(lease {LEASE:g} s); A's webhooks during the cut: {during}, of which {_stored_late(fault_sql, a)} "

@@ -12,7 +12,6 @@ import pwd
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import PASSKEY, ServeProcess, free_port, post, serve_environment, sql_on, wait_until
+from tests.conftest import PASSKEY, ServeProcess, free_port, fresh_database, post, serve_environment, sql_on, wait_until
 from tests.fakes import FakeAgent, FakeWati
 from tests.invariants import Load, check_invariant, kill_the_busiest_worker, message, wait_drained
 from watibot import db
@@ -128,14 +127,8 @@ def bouncer(fault_cluster: EmbeddedCluster, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture
 def empty_db(fault_cluster: EmbeddedCluster) -> Iterator[str]:
     """A database with no schema at all on the fault cluster (its direct DSN)."""
-    fault_cluster.start()
-    name = f"empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    yield fault_cluster.url(name)
-    fault_cluster.start()
-    with psycopg.connect(fault_cluster.url("postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+    with fresh_database(fault_cluster, "empty") as url:
+        yield url
 
 
 def pooled_environment(bouncer: Bouncer, direct_url: str, fake_wati: FakeWati, **overrides: str) -> dict[str, str]:
