@@ -44,7 +44,7 @@ from bench.harness import (
     wait_until,
 )
 from bench.parts import Context, _burst_rate, _configure_fakes, _fake_stats, _finished, _stamp, insert_due
-from watibot.repository import CLAIM_DUE, NEXT_DUE
+from watibot.store.claims import CLAIM_DUE, NEXT_DUE
 
 
 class RunTimeMeter(CpuMeter):

@@ -40,7 +40,8 @@ from bench.harness import (
     wait_until,
     wrk_available,
 )
-from watibot.repository import BEGIN_BURSTS, CLAIM_DUE
+from watibot.store.bursts import BEGIN_BURSTS
+from watibot.store.claims import CLAIM_DUE
 
 
 @dataclass
@@ -292,15 +293,17 @@ def insert_due(database: str, prefix: str, conversations: int, messages: int, du
     payload = json.dumps(SAMPLE)
     with psycopg.connect(database) as conn:
         conn.execute(
-            f"""INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at)
-            SELECT %s, %s || g, '5037' || lpad(g::text, 7, '0'), {due_sql}, now() - interval '1 minute'
+            f"""INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at,
+                                                  last_position, last_customer_message_at)
+            SELECT %s, %s || g, '5037' || lpad(g::text, 7, '0'), {due_sql}, now() - interval '1 minute', %s,
+                   now() - interval '1 minute'
             FROM generate_series(1, %s) AS g""",  # noqa: S608 - due_sql is ours, never input
-            (CHANNEL, prefix, conversations),
+            (CHANNEL, prefix, messages, conversations),
         )
         conn.execute(
-            """INSERT INTO watibot.message
-                (channel, customer, provider_message_id, wati_id, type, text, wati_timestamp, payload, received_at)
-            SELECT %s, %s || g, 'wamid.' || %s || g || '.' || k, %s || g || '.' || k, 'text',
+            """INSERT INTO watibot.message (channel, customer, position, provider_message_id, wati_id, type, text,
+                                            wati_timestamp, payload, received_at)
+            SELECT %s, %s || g, k, 'wamid.' || %s || g || '.' || k, %s || g || '.' || k, 'text',
                    'message ' || k || ' of customer ' || g, now() - interval '1 minute' + k * interval '1 s',
                    %s::jsonb, now() - interval '1 minute'
             FROM generate_series(1, %s) AS g, generate_series(1, %s) AS k""",
@@ -564,14 +567,15 @@ async def _history(context: Context, database: str) -> dict[str, Any]:
     levels = []
     try:
         await conn.execute(
-            """INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at)
+            """INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at, last_position,
+                                                 last_customer_message_at)
             SELECT $1, 'b' || g, '5037' || lpad(g::text, 7, '0'), now() - interval '1 hour' + g * interval '1 ms',
-                   now() - interval '1 hour'
+                   now() - interval '1 hour', 1, now() - interval '2 hours'
             FROM generate_series(1, $2::int) AS g""", CHANNEL, scale.history_buffered)
         await conn.execute(
-            """INSERT INTO watibot.message (channel, customer, provider_message_id, wati_id, type, text, payload,
-                                            received_at, wati_timestamp)
-            SELECT $1, 'b' || g, 'wamid.b' || g, 'b' || g, 'text', 'buffered ' || g, $2::text::jsonb,
+            """INSERT INTO watibot.message (channel, customer, position, provider_message_id, wati_id, type, text,
+                                            payload, received_at, wati_timestamp)
+            SELECT $1, 'b' || g, 1, 'wamid.b' || g, 'b' || g, 'text', 'buffered ' || g, $2::text::jsonb,
                    now() - interval '2 hours', now() - interval '2 hours'
             FROM generate_series(1, $3::int) AS g""", CHANNEL, payload, scale.history_buffered)
         have = 0
@@ -608,24 +612,25 @@ async def _add_history(conn: asyncpg.Connection, low: int, high: int, payload: s
     """Processed messages [low, high): 2 per burst, 20 per conversation, all consumed, conversations idle."""
     async with conn.transaction():
         await conn.execute(
-            """INSERT INTO watibot.conversation (channel, customer, wa_id)
-            SELECT $1, 'h' || c, 'h' || c FROM generate_series($2::int / 20, ($3::int - 1) / 20) AS c
+            """INSERT INTO watibot.conversation (channel, customer, wa_id, last_position, answered_position)
+            SELECT $1, 'h' || c, 'h' || c, 20, 20 FROM generate_series($2::int / 20, ($3::int - 1) / 20) AS c
             ON CONFLICT DO NOTHING""", CHANNEL, low, high)
         await conn.execute(
-            """INSERT INTO watibot.burst (id, channel, customer, status, message_ids, fence, claimed_by, due_at,
-                                          started_at, finished_at, prompt, reply, reply_parts, parts_sent, sent_at)
+            """INSERT INTO watibot.burst (id, channel, customer, status, after_position, through_position, messages,
+                                          fence, claimed_by, due_at, started_at, finished_at, prompt, reply,
+                                          reply_parts, parts_sent, sent_at)
             OVERRIDING SYSTEM VALUE
-            SELECT p + 1, $1, 'h' || (p * 2 / 20), 'sent', ARRAY[$4 + 2 * p, $4 + 2 * p + 1]::bigint[], 1,
+            SELECT p + 1, $1, 'h' || (p * 2 / 20), 'sent', (2 * p) % 20, (2 * p) % 20 + 2, 2, 1,
                    'bench:1:history', now(), now(), now(), 'Hola, quiero reservar una habitación',
                    'Received 2 messages: 1. Hola 2. quiero reservar', 1, 1, now()
             FROM generate_series($2::int / 2, ($3::int - 1) / 2) AS p
-            ON CONFLICT DO NOTHING""", CHANNEL, low, high, HISTORY_ID_OFFSET)
+            ON CONFLICT DO NOTHING""", CHANNEL, low, high)
         await conn.execute(
-            """INSERT INTO watibot.message (id, channel, customer, provider_message_id, wati_id, type, text,
-                                            wati_timestamp, payload, received_at, burst_id)
+            """INSERT INTO watibot.message (id, channel, customer, position, provider_message_id, wati_id, type, text,
+                                            wati_timestamp, payload, received_at)
             OVERRIDING SYSTEM VALUE
-            SELECT $4 + g, $1, 'h' || (g / 20), 'wamid.h' || g, 'h' || g, 'text',
-                   'Hola, quiero reservar una habitación ' || g, now(), $5::text::jsonb, now(), g / 2 + 1
+            SELECT $4 + g, $1, 'h' || (g / 20), g % 20 + 1, 'wamid.h' || g, 'h' || g, 'text',
+                   'Hola, quiero reservar una habitación ' || g, now(), $5::text::jsonb, now()
             FROM generate_series($2::int, $3::int - 1) AS g""", CHANNEL, low, high, HISTORY_ID_OFFSET, payload)
 
 
@@ -640,7 +645,8 @@ async def _measure_claim(conn: asyncpg.Connection, iterations: int) -> dict[str,
             rows = await conn.fetch(CLAIM_DUE, 50, "bench:1:claim", 30.0)
             claimed = time.perf_counter()
             await conn.fetch(BEGIN_BURSTS, [rows[0]["channel"]], [rows[0]["customer"]], [rows[0]["fence"]],
-                             ["bench:1:claim"], [rows[0]["was_due_at"]], 5, True, "fixed", 65.0, 300.0)
+                             ["bench:1:claim"], [rows[0]["was_due_at"]], [rows[0]["last_position"]], 5, True,
+                             "fixed", 65.0, 300.0)
             buffered = time.perf_counter()
         finally:
             await transaction.rollback()

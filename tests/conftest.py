@@ -73,6 +73,41 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
+def add_message(sql: Callable[..., list[tuple[Any, ...]]], customer: str, text: str | None = None,
+                burst_id: int | None = None, channel: str = "c", provider_message_id: str | None = None) -> int:
+    """Store one customer message at its conversation's next position (the conversation row must exist), as
+    the webhook does; with `burst_id`, the message is that burst's (its range grows to cover it, and a closed
+    consuming burst moves the conversation's answered_position past it)."""
+    (position,) = sql("UPDATE watibot.conversation SET last_position = last_position + 1, "
+                      "last_customer_message_at = now() "
+                      "WHERE channel = %s AND customer = %s RETURNING last_position", channel, customer)[0]
+    (message_id,) = sql(
+        "INSERT INTO watibot.message (channel, customer, position, provider_message_id, type, text, payload) "
+        "VALUES (%s, %s, %s, COALESCE(%s, gen_random_uuid()::text), 'text', %s, '{}') RETURNING id",
+        channel, customer, position, provider_message_id, text)[0]
+    if burst_id is not None:
+        sql("UPDATE watibot.burst SET after_position = CASE WHEN messages = 0 THEN %s - 1 ELSE after_position END, "
+            "through_position = %s, messages = messages + 1 WHERE id = %s", position, position, burst_id)
+        sql("UPDATE watibot.conversation AS c SET answered_position = %s FROM watibot.burst AS b "
+            "WHERE b.id = %s AND c.channel = b.channel AND c.customer = b.customer AND watibot.consumes(b.status)",
+            position, burst_id)
+    return int(message_id)
+
+
+def add_burst(sql: Callable[..., list[tuple[Any, ...]]], customer: str, status: str, channel: str = "c",
+              **columns: Any) -> int:
+    """Insert one burst in `status` with optional extra columns (SQL expressions as strings); an open one
+    becomes its conversation's open burst."""
+    names = ", ".join(["channel", "customer", "status", "fence", "claimed_by", *columns])
+    values = ", ".join(["%s", "%s", "%s", "1", "'host:1:w'", *columns.values()])
+    insert = f"INSERT INTO watibot.burst ({names}) VALUES ({values}) RETURNING id"  # noqa: S608 - test's own constants
+    burst_id = int(sql(insert, channel, customer, status)[0][0])
+    if status in ("processing", "sending", "retry"):
+        sql("UPDATE watibot.conversation SET open_burst_id = %s WHERE channel = %s AND customer = %s",
+            burst_id, channel, customer)
+    return burst_id
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An admin DSN of a PostgreSQL server the tests may create databases on."""

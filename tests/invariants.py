@@ -26,7 +26,6 @@ from tests.fakes import FakeWati
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 _ECHO_LINE = re.compile(r"^\d+\. (.*)$", re.MULTILINE)
-TERMINAL = ("sent", "no_reply", "dead", "attention")
 
 
 def message(wa_id: str, text: str, timestamp: int | None = None) -> dict[str, Any]:
@@ -157,12 +156,12 @@ def kill_the_busiest_worker(serve: Any, sql: Sql, wati: FakeWati, agent: Any, pr
 
 
 def wait_drained(sql: Sql, timeout: float = 120) -> None:
-    """Wait until nothing is buffered, claimed or open: every stored message has reached a terminal burst."""
+    """Wait until nothing is buffered, claimed or open: every stored message has reached a closed burst."""
     wait_until(
         lambda: sql(
-            "SELECT (SELECT count(*) FROM watibot.message WHERE burst_id IS NULL) "
+            "SELECT (SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL) "
             "+ (SELECT count(*) FROM watibot.conversation WHERE due_at IS NOT NULL OR claimed_by IS NOT NULL) "
-            "+ (SELECT count(*) FROM watibot.burst WHERE status NOT IN ('sent', 'no_reply', 'dead', 'attention'))"
+            "+ (SELECT count(*) FROM watibot.burst WHERE status IN ('processing', 'sending', 'retry'))"
         ) == [(0,)],
         timeout=timeout, interval=0.2, what="the buffer to drain",
     )
@@ -171,7 +170,7 @@ def wait_drained(sql: Sql, timeout: float = 120) -> None:
 def check_invariant(sql: Sql, wati: FakeWati, acknowledged: set[str]) -> dict[str, int]:
     """Assert the invariant; returns counts for the report."""
     stored = {text: (burst_id, status) for text, burst_id, status in sql(
-        "SELECT m.text, m.burst_id, b.status FROM watibot.message m LEFT JOIN watibot.burst b ON b.id = m.burst_id")}
+        "SELECT text, burst_id, status FROM watibot.message_outcome")}
     lost = acknowledged - stored.keys()
     assert not lost, f"{len(lost)} acknowledged messages were lost: {sorted(lost)[:10]}"
 

@@ -1,6 +1,6 @@
 """A media resolver for tests: describes a non-text message from its file reference."""
 
-from watibot.repository import BufferedMessage
+from watibot.store.records import BufferedMessage
 
 
 async def resolve(message: BufferedMessage) -> str:

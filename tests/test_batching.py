@@ -16,7 +16,8 @@ from tests.test_claim import Sql, make_due, run
 from watibot.batching import Batcher
 from watibot.db import DatabaseUnavailable, LeaseLost, StatementFailed
 from watibot.payload import CustomerMessage, parse_event
-from watibot.repository import Burst, Closed, IngestResult, RecordedReply, Repository
+from watibot.store import Stores
+from watibot.store.records import Burst, BurstStatus, Closed, IngestResult, RecordedReply
 
 
 async def settled(predicate: Callable[[], bool]) -> None:
@@ -222,9 +223,9 @@ def test_concurrent_webhooks_are_stored_once_each_in_shared_commits(database_url
     every message is stored once, exactly one delivery of each is reported new, and commits were shared."""
     messages = [_message(f"5037100{n % 30:04d}", f"m{n}", f"wamid.batch.{n}") for n in range(150)]
 
-    async def main(repository: Repository) -> tuple[list[bool], int]:
-        results = await asyncio.gather(*(repository.ingest(m) for m in messages + messages[::-1]))
-        return [result.duplicate for result in results], repository.ingest_batches.batches
+    async def main(repository: Stores) -> tuple[list[bool], int]:
+        results = await asyncio.gather(*(repository.ingest.ingest(m) for m in messages + messages[::-1]))
+        return [result.duplicate for result in results], repository.ingest.batches.batches
 
     duplicates, batches = run(database_url, main)
     assert sum(not duplicate for duplicate in duplicates) == 150
@@ -243,9 +244,9 @@ def test_a_message_the_database_refuses_fails_alone_in_its_batch(database_url: s
     bad = dataclasses.replace(_message("50371000001", "bad", "wamid.bad"),
                               provider_message_id="wamid." + secrets.token_hex(3000))
 
-    async def main(repository: Repository) -> list[object]:
-        good = [repository.ingest(_message("50371000002", f"g{n}", f"wamid.good.{n}")) for n in range(10)]
-        return await asyncio.gather(*good[:5], repository.ingest(bad), *good[5:], return_exceptions=True)
+    async def main(repository: Stores) -> list[object]:
+        good = [repository.ingest.ingest(_message("50371000002", f"g{n}", f"wamid.good.{n}")) for n in range(10)]
+        return await asyncio.gather(*good[:5], repository.ingest.ingest(bad), *good[5:], return_exceptions=True)
 
     results = run(database_url, main)
     assert isinstance(results[5], StatementFailed)
@@ -260,31 +261,31 @@ def test_burst_steps_of_many_conversations_share_statements_and_stay_fenced(data
     batches is refused alone (LeaseLost) while its neighbours complete."""
     make_due(sql, 60, messages_each=2)
 
-    async def main(repository: Repository) -> dict[str, Any]:
-        claims = await repository.claim_due("worker-a", 100)
+    async def main(repository: Stores) -> dict[str, Any]:
+        claims = await repository.claims.claim_due("worker-a", 100)
         assert len(claims) == 60
         stale = claims[7]
         sql("UPDATE watibot.conversation SET fence = fence + 1 WHERE customer = %s", stale.customer)
-        begun = await asyncio.gather(*(repository.begin_burst(claim) for claim in claims), return_exceptions=True)
+        begun = await asyncio.gather(*(repository.bursts.begin(claim) for claim in claims), return_exceptions=True)
         live = [(claim, burst) for claim, burst in zip(claims, begun, strict=True) if isinstance(burst, Burst)]
         reply = RecordedReply("prompt", "reply", 1, datetime.now(UTC))
-        marks = await asyncio.gather(*(repository.mark_sending(claim, burst, 0, reply) for claim, burst in live))
-        waits = await asyncio.gather(*(repository.complete(claim, burst, "sent", parts_sent=1)
+        marks = await asyncio.gather(*(repository.bursts.mark_sending(claim, burst, 0, reply) for claim, burst in live))
+        waits = await asyncio.gather(*(repository.bursts.finish(claim, burst, BurstStatus.SENT, parts_sent=1)
                                        for claim, burst in live))
         return {"begun": begun, "marks": marks, "waits": waits, "live": len(live),
-                "batches": [repository.begin_batches.batches, repository.mark_batches.batches,
-                            repository.finish_batches.batches]}
+                "batches": [repository.bursts.begin_batches.batches, repository.bursts.mark_batches.batches,
+                            repository.bursts.finish_batches.batches]}
 
     outcome = run(database_url, main)
     assert isinstance(outcome["begun"][7], LeaseLost)
     assert not any(isinstance(b, Closed) for b in outcome["begun"])
     assert outcome["live"] == 59
-    assert outcome["marks"] == [True] * 59
+    assert outcome["marks"] == [None] * 59  # marked: send
     assert outcome["waits"] == [None] * 59  # nothing left buffered
     assert all(batches < 59 for batches in outcome["batches"])
-    assert sql("SELECT status, count(*), sum(cardinality(message_ids)) FROM watibot.burst GROUP BY status") == [
+    assert sql("SELECT status, count(*), sum(messages) FROM watibot.burst GROUP BY status") == [
         ("sent", 59, 118)]
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(2,)]  # the stale one's
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(2,)]  # the stale one's
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
@@ -295,11 +296,11 @@ def test_batches_and_heartbeats_over_the_same_conversations_do_not_deadlock(
     in one order, so no statement is aborted as a deadlock."""
     make_due(sql, 80)
 
-    async def main(repository: Repository) -> list[object]:
-        claims = await repository.claim_due("worker-a", 100)
+    async def main(repository: Stores) -> list[object]:
+        claims = await repository.claims.claim_due("worker-a", 100)
         submitted = claims if order == "forward" else claims[::-1]
-        heartbeats = [repository.heartbeat("worker-a", claims[::-1] if n % 2 else claims) for n in range(6)]
-        return await asyncio.gather(*heartbeats, *(repository.begin_burst(c) for c in submitted),
+        heartbeats = [repository.claims.heartbeat("worker-a", claims[::-1] if n % 2 else claims) for n in range(6)]
+        return await asyncio.gather(*heartbeats, *(repository.bursts.begin(c) for c in submitted),
                                     return_exceptions=True)
 
     results = run(database_url, main)
@@ -308,14 +309,14 @@ def test_batches_and_heartbeats_over_the_same_conversations_do_not_deadlock(
 
 
 def test_messages_of_one_batch_keep_their_arrival_order(database_url: str, sql: Sql) -> None:
-    """Ids follow the order webhooks reached the batch, not the order of their whatsappMessageIds (which is the
-    order rows are locked in): a burst of messages sent in the same second reaches the agent as it arrived."""
+    """Positions follow the order webhooks reached the batch, not the order of their whatsappMessageIds (the
+    order rows are inserted in): a burst of messages sent in the same second reaches the agent as it arrived."""
     provider_ids = [f"wamid.order.{9 - n}" for n in range(10)]  # sorted backwards
 
-    async def main(repository: Repository) -> int:
-        await asyncio.gather(*(repository.ingest(_message("50371000003", f"line {n}", provider_id))
+    async def main(repository: Stores) -> int:
+        await asyncio.gather(*(repository.ingest.ingest(_message("50371000003", f"line {n}", provider_id))
                                for n, provider_id in enumerate(provider_ids)))
-        return repository.ingest_batches.batches
+        return repository.ingest.batches.batches
 
     assert run(database_url, main) < 10
-    assert [row[0] for row in sql("SELECT provider_message_id FROM watibot.message ORDER BY id")] == provider_ids
+    assert [row[0] for row in sql("SELECT provider_message_id FROM watibot.message ORDER BY position")] == provider_ids

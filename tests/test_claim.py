@@ -10,24 +10,25 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from tests.conftest import app_settings
+from tests.conftest import add_message, app_settings
 from watibot import db
 from watibot.db import LeaseLost
 from watibot.payload import parse_event
-from watibot.repository import Burst, RecordedReply, Repository
+from watibot.store import Stores
+from watibot.store.records import Burst, BurstStatus, RecordedReply
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 T = TypeVar("T")
 
 
-def run(database_url: str, action: Callable[[Repository], Awaitable[T]], **overrides: Any) -> T:
-    """Run `action` with a repository on its own pool."""
+def run(database_url: str, action: Callable[[Stores], Awaitable[T]], **overrides: Any) -> T:
+    """Run `action` with the stores of its own pool."""
     settings = app_settings(database_url, **overrides)
 
     async def main() -> T:
         pool = await db.create_pool(settings, database_url)
         try:
-            return await action(Repository(pool, settings))
+            return await action(Stores.over(pool, settings))
         finally:
             await pool.close()
 
@@ -41,19 +42,18 @@ def make_due(sql: Sql, customers: int, messages_each: int = 1) -> None:
         sql("INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at) "
             "VALUES ('c', %s, %s, now() - interval '1 second', now() - interval '2 seconds')", wa_id, wa_id)
         for index in range(messages_each):
-            sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, text, payload, "
-                "received_at) VALUES ('c', %s, %s, 'text', %s, '{}', now() - interval '2 seconds')",
-                wa_id, f"wamid.{wa_id}.{index}", f"m{index}")
+            add_message(sql, wa_id, f"m{index}", provider_message_id=f"wamid.{wa_id}.{index}")
+        sql("UPDATE watibot.message SET received_at = now() - interval '2 seconds' WHERE customer = %s", wa_id)
 
 
 def test_concurrent_claimers_claim_every_due_conversation_exactly_once(database_url: str, sql: Sql) -> None:
     """Eight claimers racing over 400 due conversations: each is claimed once, none is missed."""
     make_due(sql, 400)
 
-    async def race(repository: Repository) -> list[list[tuple[str, str]]]:
+    async def race(repository: Stores) -> list[list[tuple[str, str]]]:
         async def claimer(number: int) -> list[tuple[str, str]]:
             mine: list[tuple[str, str]] = []
-            while batch := await repository.claim_due(f"worker-{number}", 7):
+            while batch := await repository.claims.claim_due(f"worker-{number}", 7):
                 mine += [(claim.channel, claim.customer) for claim in batch]
             return mine
 
@@ -71,17 +71,17 @@ def test_a_row_locked_by_one_claimer_is_skipped_by_another(database_url: str, sq
     """While one transaction holds a due conversation, another claimer gets nothing (SKIP LOCKED), not a wait."""
     make_due(sql, 1)
 
-    async def scenario(repository: Repository) -> tuple[int, int]:
+    async def scenario(repository: Stores) -> tuple[int, int]:
         holder = await asyncpg.connect(database_url)
         try:
             transaction = holder.transaction()
             await transaction.start()
             await holder.execute("SELECT 1 FROM watibot.conversation FOR UPDATE")
-            during = await asyncio.wait_for(repository.claim_due("other", 10), timeout=2)
+            during = await asyncio.wait_for(repository.claims.claim_due("other", 10), timeout=2)
             await transaction.rollback()
         finally:
             await holder.close()
-        after = await repository.claim_due("other", 10)
+        after = await repository.claims.claim_due("other", 10)
         return len(during), len(after)
 
     assert run(database_url, scenario) == (0, 1)
@@ -92,7 +92,7 @@ def test_claim_uses_the_partial_due_index(database_url: str, sql: Sql) -> None:
     sql("INSERT INTO watibot.conversation (channel, customer) SELECT 'c', g::text FROM generate_series(1, 20000) g")
     make_due(sql, 50)
     sql("ANALYZE watibot.conversation")
-    from watibot.repository import CLAIM_DUE
+    from watibot.store.claims import CLAIM_DUE
 
     plan = sql("EXPLAIN (FORMAT JSON) " + CLAIM_DUE.replace("$1", "10").replace("$2", "'w'").replace("$3", "5"))
     text = json.dumps(plan[0][0])
@@ -104,20 +104,20 @@ def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out(database_u
     """After its lease expires a conversation is claimed again with a higher fence; the old holder's writes fail."""
     make_due(sql, 1)
 
-    async def scenario(repository: Repository) -> tuple[Any, ...]:
-        (first,) = await repository.claim_due("old", 10)
-        burst = await repository.begin_burst(first)
+    async def scenario(repository: Stores) -> tuple[Any, ...]:
+        (first,) = await repository.claims.claim_due("old", 10)
+        burst = await repository.bursts.begin(first)
         assert isinstance(burst, Burst)
-        assert await repository.claim_due("new", 10) == []  # lease still valid
+        assert await repository.claims.claim_due("new", 10) == []  # lease still valid
         await repository.pool.execute(
             "UPDATE watibot.conversation SET lease_expires_at = now() - interval '1 second', "
             "due_at = now() - interval '1 second'")
-        (second,) = await repository.claim_due("new", 10)
+        (second,) = await repository.claims.claim_due("new", 10)
         with pytest.raises(LeaseLost):
-            await repository.mark_sending(first, burst, 0)
+            await repository.bursts.mark_sending(first, burst, 0)
         with pytest.raises(LeaseLost):
-            await repository.complete(first, burst, "sent")
-        resumed = await repository.begin_burst(second)
+            await repository.bursts.finish(first, burst, BurstStatus.SENT)
+        resumed = await repository.bursts.begin(second)
         return first.fence, second.fence, second.previous_owner, resumed
 
     first_fence, second_fence, previous, resumed = run(database_url, scenario)
@@ -131,20 +131,20 @@ def test_send_in_flight_at_takeover_goes_to_attention_not_resent(database_url: s
     """A burst whose previous holder recorded a send and vanished is marked attention, and its messages consumed."""
     make_due(sql, 1, messages_each=2)
 
-    async def scenario(repository: Repository) -> Any:
-        (first,) = await repository.claim_due("old", 10)
-        burst = await repository.begin_burst(first)
+    async def scenario(repository: Stores) -> Any:
+        (first,) = await repository.claims.claim_due("old", 10)
+        burst = await repository.bursts.begin(first)
         assert isinstance(burst, Burst)
         reply = RecordedReply("m0\nm1", "hello", 1, burst.messages[0].received_at)
-        assert await repository.mark_sending(first, burst, 0, reply)
+        assert await repository.bursts.mark_sending(first, burst, 0, reply) is None
         await repository.pool.execute("UPDATE watibot.conversation SET due_at = now(), lease_expires_at = now()")
-        (second,) = await repository.claim_due("new", 10)
-        return await repository.begin_burst(second)
+        (second,) = await repository.claims.claim_due("new", 10)
+        return await repository.bursts.begin(second)
 
     closed = run(database_url, scenario)
     assert closed.reason == "attention"
     assert sql("SELECT status, error LIKE '%outcome unknown%' FROM watibot.burst") == [("attention", True)]
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)]
     assert sql("SELECT claimed_by, due_at FROM watibot.conversation") == [(None, None)]
 
 
@@ -168,10 +168,10 @@ def test_buffer_window_modes(database_url: str, sql: Sql, mode: str, arrivals: l
 
     start = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
-    async def scenario(repository: Repository) -> None:
+    async def scenario(repository: Stores) -> None:
         for number, offset in enumerate(arrivals):
             event = parse_event(customer_message("50371112222", f"m{number}"))
-            await repository.ingest(event, arrived_at=start + timedelta(seconds=offset))  # type: ignore[arg-type]
+            await repository.ingest.ingest(event, arrived_at=start + timedelta(seconds=offset))  # type: ignore[arg-type]
 
     run(database_url, scenario, buffer_seconds=10.0, buffer_max_seconds=15.0, buffer_mode=mode)
     assert sql("SELECT due_at, buffer_started_at FROM watibot.conversation") == [
@@ -184,19 +184,19 @@ def test_messages_during_processing_are_scheduled_by_the_window_at_completion(da
     """Messages that arrive while a burst is claimed are not in it, and completion makes them due first + window."""
     from tests.conftest import customer_message
 
-    async def scenario(repository: Repository) -> tuple[list[str], list[str]]:
-        await repository.ingest(parse_event(customer_message("50371113333", "first")))  # type: ignore[arg-type]
+    async def scenario(repository: Stores) -> tuple[list[str], list[str]]:
+        await repository.ingest.ingest(parse_event(customer_message("50371113333", "first")))  # type: ignore[arg-type]
         await repository.pool.execute("UPDATE watibot.conversation SET due_at = now()")
-        (claim,) = await repository.claim_due("w", 10)
-        burst = await repository.begin_burst(claim)
+        (claim,) = await repository.claims.claim_due("w", 10)
+        burst = await repository.bursts.begin(claim)
         assert isinstance(burst, Burst)
-        await repository.ingest(parse_event(customer_message("50371113333", "late")))  # type: ignore[arg-type]
-        wait = await repository.complete(claim, burst, "sent")
+        await repository.ingest.ingest(parse_event(customer_message("50371113333", "late")))  # type: ignore[arg-type]
+        wait = await repository.bursts.finish(claim, burst, BurstStatus.SENT)
         assert wait is not None and 0 < wait <= 10.0
-        assert await repository.claim_due("w", 10) == []  # the late message waits for its own window
+        assert await repository.claims.claim_due("w", 10) == []  # the late message waits for its own window
         await repository.pool.execute("UPDATE watibot.conversation SET due_at = now()")
-        (claim,) = await repository.claim_due("w", 10)
-        second = await repository.begin_burst(claim)
+        (claim,) = await repository.claims.claim_due("w", 10)
+        second = await repository.bursts.begin(claim)
         assert isinstance(second, Burst)
         return [m.text or "" for m in burst.messages], [m.text or "" for m in second.messages]
 

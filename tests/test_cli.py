@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PASSKEY
+from tests.conftest import PASSKEY, add_message
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -67,8 +67,7 @@ def test_db_url_prints_the_configured_url(database_url: str) -> None:
 def test_status_counts_what_the_buffer_holds(database_url: str, sql: Sql) -> None:
     """status reports buffered conversations and messages from the database."""
     sql("INSERT INTO watibot.conversation (channel, customer, due_at) VALUES ('c', '1', now() + interval '1 hour')")
-    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload) "
-        "VALUES ('c', '1', 'w1', 'text', '{}')")
+    add_message(sql, "1", provider_message_id="w1")
     result = watibot("status", "--json", env={"WATIBOT_DATABASE_URL": database_url})
     assert result.returncode == 0, result.stderr
     import json

@@ -38,11 +38,11 @@ def test_operator_message_pauses_the_bot_and_answered_messages_follow_the_policy
     assert time.monotonic() - paused_from >= 1.9, "nothing was sent during the pause"
     if answered == "skip":
         assert sent["text"] == "Received 1 message:\n1. after operator"
-        wait_until(lambda: sql("SELECT status, array_length(message_ids, 1) FROM watibot.burst ORDER BY id") == [
+        wait_until(lambda: sql("SELECT status, messages FROM watibot.burst ORDER BY id") == [
             ("human", 1), ("sent", 1)])
     else:
         assert sent["text"] == "Received 2 messages:\n1. before operator\n2. after operator"
-    wait_until(lambda: sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)])
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)])
     assert len(fake_wati.sent) == 1
 
 

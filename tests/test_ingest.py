@@ -34,9 +34,10 @@ def test_customer_message_is_buffered_and_schedules_its_conversation(app: Runnin
     assert response.status_code == 200
     assert response.json() == {"status": "buffered"}
     rows = sql("SELECT channel, customer, provider_message_id, wati_id, type, text, "
-               "extract(epoch from wati_timestamp)::bigint, payload, burst_id FROM watibot.message")
+               "extract(epoch from wati_timestamp)::bigint, payload, position FROM watibot.message")
     assert rows == [("50322220000", "50376819621", payload["whatsappMessageId"], payload["id"], "text",
-                     payload["text"], 1762478993, payload, None)]
+                     payload["text"], 1762478993, payload, 1)]
+    assert sql("SELECT last_position, answered_position FROM watibot.conversation") == [(1, 0)]
     (due_in,) = sql("SELECT extract(epoch from due_at - buffer_started_at) FROM watibot.conversation")[0]
     assert float(due_in) == pytest.approx(60, abs=0.01)
 

@@ -15,6 +15,7 @@ from tests.conftest import (
     PASSKEY,
     RunningApp,
     ServeProcess,
+    add_message,
     app_settings,
     customer_message,
     serve_environment,
@@ -109,9 +110,8 @@ def test_metrics_count_dead_bursts_takeovers_and_report_the_database_state(
         "lease_expires_at, fence) VALUES ('50322220000', '50399999999', '50399999999', now() + interval '5 s', "
         "'gone:1:x', now() - interval '25 s', now() + interval '5 s', 4), "
         "('50322220000', '50311111111', NULL, now() + interval '1 hour', NULL, NULL, NULL, 0)")
-    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, text, payload) "
-        "VALUES ('50322220000', '50399999999', 'wamid.orphan', 'text', 'still there?', '{}'), "
-        "('50322220000', '50311111111', 'wamid.later', 'text', 'later', '{}')")
+    add_message(sql, "50399999999", "still there?", channel="50322220000", provider_message_id="wamid.orphan")
+    add_message(sql, "50311111111", "later", channel="50322220000", provider_message_id="wamid.later")
     app = run_app(app_settings(database_url, fake_wati))
     before = scrape(app.url)
     assert value(before, "watibot_conversations", state="in_flight") == 1

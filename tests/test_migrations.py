@@ -149,3 +149,52 @@ def test_compatibility_rule_serves_code_between_the_oldest_declared_and_the_sche
     assert "run `watibot migrate`" in (db.compatibility_problem("c", "b", rows) or "")  # schema older than code
     assert "run `watibot migrate`" in (db.compatibility_problem("b", "a", {}) or "")  # before the table existed
     assert "run `watibot migrate`" in (db.compatibility_problem("e", "d", rows) or "")  # code unknown to schema
+
+
+def _old_shape_data(sql: Sql) -> None:
+    """At 0006: customer a has a sent burst (2 messages), an open burst (2) and one more buffered message;
+    customer b has an operator's message after its first message and a second one buffered."""
+    sql("INSERT INTO watibot.conversation (channel, customer, wa_id, due_at, buffer_started_at, claimed_by, "
+        "claimed_at, lease_expires_at, fence, human_message_at) VALUES "
+        "('c', 'a', 'a', now() + interval '30 s', now(), 'w', now(), now() + interval '30 s', 3, NULL), "
+        "('c', 'b', 'b', now() + interval '1 min', now(), NULL, NULL, NULL, 0, now() - interval '1 s')")
+
+    def message(customer: str, text: str, burst_id: int | None, received: str) -> int:
+        return int(sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, text, payload, "
+                       "burst_id, received_at) VALUES ('c', %s, %s, 'text', %s, '{}', %s, now() - %s::interval) "
+                       "RETURNING id", customer, f"wamid.{text}", text, burst_id, received)[0][0])
+
+    sent = int(sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, "
+                   "finished_at, reply) VALUES ('c', 'a', 'sent', '{}', 1, 'w', now(), 'hi') RETURNING id")[0][0])
+    ids = [message("a", "a1", sent, "9 s"), message("a", "a2", sent, "8 s")]
+    sql("UPDATE watibot.burst SET message_ids = %s WHERE id = %s", ids, sent)
+    opened = [message("a", "a3", None, "5 s"), message("a", "a4", None, "4 s")]
+    sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by) "
+        "VALUES ('c', 'a', 'processing', %s, 3, 'w')", opened)
+    message("a", "a5", None, "1 s")
+    message("b", "b1", None, "3 s")
+    message("b", "b2", None, "0 s")
+
+
+def test_an_existing_database_upgrades_with_its_buffer_open_bursts_and_history_and_downgrades_back(
+    database_url: str, sql: Sql
+) -> None:
+    """0006 → 0007 turns burst_id and message_ids into positions, ranges and high-water marks without losing or
+    moving a message; 0007 → 0006 gives the same burst_id and message_ids back."""
+    db.downgrade(database_url, "0006_schema_compatibility")
+    _old_shape_data(sql)
+    before = sql("SELECT m.text, m.burst_id FROM watibot.message m ORDER BY m.id")
+    ids_before = sql("SELECT id, status, message_ids FROM watibot.burst ORDER BY id")
+    db.upgrade(database_url)
+    assert sql("SELECT customer, last_position, answered_position, human_position, open_burst_id IS NOT NULL "
+               "FROM watibot.conversation ORDER BY customer") == [("a", 5, 2, None, True), ("b", 2, 0, 1, False)]
+    assert sql("SELECT status, after_position, through_position, messages FROM watibot.burst ORDER BY id") == [
+        ("sent", 0, 2, 2), ("processing", 2, 4, 2)]
+    assert sql("SELECT text, position, status FROM watibot.message_outcome ORDER BY customer, position") == [
+        ("a1", 1, "sent"), ("a2", 2, "sent"), ("a3", 3, None), ("a4", 4, None), ("a5", 5, None),
+        ("b1", 1, None), ("b2", 2, None)]
+    db.downgrade(database_url, "0006_schema_compatibility")
+    assert sql("SELECT m.text, m.burst_id FROM watibot.message m ORDER BY m.id") == before
+    assert sql("SELECT id, status, message_ids FROM watibot.burst ORDER BY id") == ids_before
+    db.upgrade(database_url)
+    assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]

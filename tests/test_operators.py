@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningApp, app_settings, customer_message, previous_revision, wait_until
+from tests.conftest import (
+    RunningApp,
+    add_burst,
+    add_message,
+    app_settings,
+    customer_message,
+    previous_revision,
+    wait_until,
+)
 from tests.fakes import Answer, FakeWati
 from tests.test_cli import watibot
 from watibot import db
@@ -107,14 +115,12 @@ def test_dead_lists_the_reason_and_replay_gets_the_customer_answered(
 def test_replay_refuses_a_burst_that_is_not_dead_and_changes_nothing(database_url: str, sql: Sql) -> None:
     """Replaying a sent (or unknown) burst exits 1 with a clear message; the database is unchanged."""
     sql("INSERT INTO watibot.conversation (channel, customer) VALUES ('c', '1')")
-    (burst_id,) = sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, "
-                      "finished_at) VALUES ('c', '1', 'sent', '{}', 1, 'w', now()) RETURNING id")[0]
-    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
-        "VALUES ('c', '1', 'm1', 'text', '{}', %s)", burst_id)
+    burst_id = add_burst(sql, "1", "sent", finished_at="now()")
+    add_message(sql, "1", burst_id=burst_id)
     result = run(database_url, "replay", str(burst_id))
     assert result.returncode == 1
     assert f"burst {burst_id} is sent: only dead or attention bursts can be replayed" in result.stderr
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)]
     assert sql("SELECT due_at FROM watibot.conversation") == [(None,)]
     unknown = run(database_url, "replay", "999999")
     assert (unknown.returncode, "does not exist" in unknown.stderr) == (1, True)
@@ -122,20 +128,25 @@ def test_replay_refuses_a_burst_that_is_not_dead_and_changes_nothing(database_ur
 
 
 def test_replay_of_a_claimed_conversation_leaves_its_lease_alone(database_url: str, sql: Sql) -> None:
-    """While a worker holds the conversation, replay only puts the messages back; due_at stays the lease."""
+    """While a worker holds the conversation (and has no burst open), replay opens the burst for the holder to
+    run; due_at stays the lease. With a burst open, replay is refused and changes nothing."""
     sql("INSERT INTO watibot.conversation (channel, customer, due_at, claimed_by, claimed_at, lease_expires_at) "
         "VALUES ('c', '1', now() + interval '30 s', 'w', now(), now() + interval '30 s')")
-    (burst_id,) = sql("INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, "
-                      "error, finished_at) VALUES ('c', '1', 'attention', '{}', 1, 'w', 'unknown', now()) "
-                      "RETURNING id")[0]
-    sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
-        "VALUES ('c', '1', 'm1', 'text', '{}', %s)", burst_id)
+    burst_id = add_burst(sql, "1", "attention", error="'unknown'", finished_at="now()")
+    add_message(sql, "1", burst_id=burst_id)
     before = sql("SELECT due_at FROM watibot.conversation")
     result = run(database_url, "replay", str(burst_id))
     assert result.returncode == 0, result.stderr
     assert "claimed right now" in result.stdout
     assert sql("SELECT due_at FROM watibot.conversation") == before
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(1,)]
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(1,)]
+    assert sql("SELECT b.status, b.messages FROM watibot.conversation c JOIN watibot.burst b "
+               "ON b.id = c.open_burst_id") == [("retry", 1)]
+
+    other = add_burst(sql, "1", "dead", error="'gave up'", finished_at="now()")
+    busy = run(database_url, "replay", str(other))
+    assert (busy.returncode, "has a burst in progress" in busy.stderr) == (1, True)
+    assert sql("SELECT status FROM watibot.burst WHERE id = %s", other) == [("dead",)]
 
 
 def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(database_url: str, sql: Sql) -> None:
@@ -143,15 +154,12 @@ def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(databas
     sql("INSERT INTO watibot.conversation (channel, customer) VALUES ('c', '1')")
 
     def burst(status: str, finished: str | None) -> int:
-        return int(sql(
-            "INSERT INTO watibot.burst (channel, customer, status, message_ids, fence, claimed_by, due_at, "
-            "started_at, finished_at) VALUES ('c', '1', %s, '{}', 1, 'w', now() - interval '40 days', "
-            "now() - interval '40 days' + interval '0.3 s', now() - %s::interval) RETURNING id",
-            status, finished)[0][0])
+        return add_burst(sql, "1", status, due_at="now() - interval '40 days'",
+                         started_at="now() - interval '40 days' + interval '0.3 s'",
+                         finished_at="NULL" if finished is None else f"now() - interval '{finished}'")
 
     def message(burst_id: int | None) -> None:
-        sql("INSERT INTO watibot.message (channel, customer, provider_message_id, type, payload, burst_id) "
-            "VALUES ('c', '1', gen_random_uuid()::text, 'text', '{}', %s)", burst_id)
+        add_message(sql, "1", burst_id=burst_id)
 
     old = [burst("sent", "40 days") for _ in range(7)]
     for burst_id in old:
@@ -172,7 +180,7 @@ def test_prune_deletes_old_finished_bursts_only_and_keeps_metrics_totals(databas
     assert "pruned 7 bursts and 14 messages" in result.stdout
     assert sql("SELECT status, finished_at IS NULL FROM watibot.burst ORDER BY id") == [
         ("sent", False), ("dead", False), ("retry", True)]
-    assert sql("SELECT count(*) FILTER (WHERE burst_id IS NULL), count(*) FROM watibot.message") == [(1, 3)]
+    assert sql("SELECT count(*) FILTER (WHERE burst_id IS NULL), count(*) FROM watibot.message_outcome") == [(1, 3)]
     assert sql("SELECT count, sum FROM watibot.pruned_burst_totals WHERE series = 'claim_lag'") == [
         (7, pytest.approx(2.1))]
     live = sql("SELECT outcome, count(*) FROM watibot.finished_burst_facts GROUP BY outcome ORDER BY 1")

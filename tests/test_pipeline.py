@@ -77,7 +77,7 @@ def test_agent_null_reply_sends_nothing(
     app.post(customer_message("50376819621", "ok thanks"))
     wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("no_reply",)])
     assert fake_wati.requests == []
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)]
 
 
 def test_message_arriving_during_processing_lands_in_the_next_burst(
@@ -122,7 +122,7 @@ def test_permanent_wati_error_marks_the_burst_dead_with_the_reason(
     (row,) = wait_until(lambda: sql("SELECT status, error FROM watibot.burst WHERE status = 'dead'"))
     assert "HTTP 401" in row[1]
     assert len(fake_wati.requests) == 1
-    assert sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)]
 
 
 def test_failing_agent_is_retried_up_to_max_attempts_then_dead(

@@ -140,7 +140,7 @@ def test_serve_warns_when_its_connections_cannot_fit_the_server(
     """workers x WATIBOT_DB_POOL_SIZE above what PostgreSQL has free: serve starts, and says so with the figures."""
     max_connections = int(sql("SHOW max_connections")[0][0])
     pool = max_connections // 2 + 1  # two workers of this pool size need more than the server has
-    fits = serve(serve_environment(database_url, fake_wati, WATIBOT_DB_POOL_SIZE="2"), workers=2)
+    fits = serve(serve_environment(database_url, fake_wati, WATIBOT_DB_POOL_SIZE="3"), workers=2)
     assert "connection budget" not in fits.log_path.read_text()
     fits.stop()
     tight = serve(serve_environment(database_url, fake_wati, WATIBOT_DB_POOL_SIZE=str(pool)), workers=2)

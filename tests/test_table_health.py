@@ -63,7 +63,7 @@ def test_pruning_during_continuous_load_keeps_tables_bounded_and_counts_everythi
     assert pruned_messages > posted / 3, "pruning kept up with the load"
     assert max(message_rows[1:]) < posted * 0.6, f"message table stayed bounded: {message_rows} of {posted}"
 
-    wait_until(lambda: sql("SELECT count(*) FROM watibot.message WHERE burst_id IS NULL") == [(0,)]
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(0,)]
                and sql("SELECT count(*) FROM watibot.burst WHERE finished_at IS NULL") == [(0,)],
                timeout=30, what="every message answered")
     wait_until(lambda: sql("SELECT now() - max(finished_at) > interval '1.2 s' FROM watibot.burst") == [(True,)],

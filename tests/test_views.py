@@ -9,27 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import add_burst, add_message
 from watibot import db
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
-VIEWS = ("buffering", "overdue", "in_flight", "dead", "recent_bursts", "health", "finished_burst_facts")
-
-
-def add_message(sql: Sql, customer: str, text: str, burst_id: int | None = None) -> int:
-    """Insert one customer message (conversation row must exist)."""
-    return int(sql(
-        "INSERT INTO watibot.message (channel, customer, provider_message_id, type, text, payload, burst_id) "
-        "VALUES ('c', %s, gen_random_uuid()::text, 'text', %s, '{}', %s) RETURNING id", customer, text, burst_id,
-    )[0][0])
-
-
-def add_burst(sql: Sql, customer: str, status: str, **columns: Any) -> int:
-    """Insert one burst in `status` with optional extra columns (SQL expressions as strings)."""
-    names = ", ".join(["channel", "customer", "status", "message_ids", "fence", "claimed_by", *columns])
-    values = ", ".join(["'c'", "%s", "%s", "'{}'", "1", "'host:1:w'", *columns.values()])
-    insert = f"INSERT INTO watibot.burst ({names}) VALUES ({values}) RETURNING id"  # noqa: S608 - test's own constants
-    return int(sql(insert, customer, status)[0][0])
+VIEWS = ("buffering", "overdue", "in_flight", "dead", "recent_bursts", "health", "finished_burst_facts",
+         "message_outcome")
 
 
 @pytest.fixture

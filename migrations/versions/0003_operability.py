@@ -12,61 +12,8 @@ down_revision = "0002_conversations"
 branch_labels = None
 depends_on = None
 
-def upgrade() -> None:
-    op.execute("""
-    -- Bursts change status a few times and record reply progress in between: leave room for HOT updates.
-    ALTER TABLE watibot.burst SET (
-        fillfactor = 80,
-        autovacuum_vacuum_scale_factor = 0.05,
-        autovacuum_analyze_scale_factor = 0.05
-    );
-
-    ALTER TABLE watibot.burst ADD COLUMN replayed_from text;
-    COMMENT ON COLUMN watibot.burst.replayed_from IS
-        'Status (dead or attention) the burst had when `watibot replay` put its messages back in the buffer.';
-
-    -- Pruning walks finished bursts oldest first; the health view reads the latest finish.
-    CREATE INDEX burst_finished_idx ON watibot.burst (finished_at) WHERE finished_at IS NOT NULL;
-
-    CREATE TABLE watibot.pruned_burst_totals (
-        series text             NOT NULL,
-        label  text             NOT NULL,
-        count  bigint           NOT NULL,
-        sum    double precision NOT NULL DEFAULT 0,
-        PRIMARY KEY (series, label)
-    );
-    COMMENT ON TABLE watibot.pruned_burst_totals IS
-        'Totals of the bursts deleted by `watibot prune`, by series (outcome, claim_lag, agent_seconds) and label '
-        '(outcome or histogram bucket), so that /metrics counters computed from the database never go backwards.';
-
-    -- Histogram buckets (upper bounds in seconds) for claim lag and agent time. They live in the schema because
-    -- bursts removed by `watibot prune` are folded into pruned_burst_totals by bucket: changing them is a
-    -- migration. width_bucket counts thresholds <= x (lower-inclusive) while Prometheus buckets are x <= le, so
-    -- both sides are negated: 14 - width_bucket(-x, negated bounds reversed) is the 1-based index of the first
-    -- bound >= x (14 = +Inf).
-    CREATE FUNCTION watibot.histogram_bucket(seconds float8) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT (ARRAY['0.05', '0.1', '0.25', '0.5', '1', '2.5', '5', '10', '30', '60', '120', '300', '600', '+Inf'])[
-        14 - width_bucket(-seconds, ARRAY[-600, -300, -120, -60, -30, -10, -5, -2.5, -1, -0.5, -0.25, -0.1,
-                                          -0.05]::float8[])]
-    $$;
-    COMMENT ON FUNCTION watibot.histogram_bucket(float8) IS
-        'The Prometheus histogram bucket (le label) that a duration in seconds falls in.';
-
-    CREATE VIEW watibot.finished_burst_facts AS
-    SELECT b.id AS burst_id,
-           COALESCE(b.replayed_from, b.status) AS outcome,
-           b.replayed_from IS NOT NULL AS replayed,
-           EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
-           watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
-           EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
-           watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8) AS agent_le
-    FROM watibot.burst AS b
-    WHERE b.finished_at IS NOT NULL;
-    COMMENT ON VIEW watibot.finished_burst_facts IS
-        'One row per finished burst: outcome (as first decided, even if replayed since) and the histogram bucket '
-        'of its claim lag (started_at - due_at) and agent time. Read by /metrics and folded in by prune.';
-
+# The psql views, as this revision made them (migration 0007 restores them on its downgrade).
+VIEWS = """
     CREATE VIEW watibot.buffering AS
     SELECT c.channel, c.customer, c.wa_id,
            count(m.id) AS messages,
@@ -175,7 +122,66 @@ def upgrade() -> None:
         'One row: buffering and overdue conversations (with the worst lag), claims in flight and with expired '
         'leases, buffered messages, conversations paused for a human operator, dead and attention bursts, '
         'throughput of the last hour.';
+"""
+
+
+def upgrade() -> None:
+    op.execute("""
+    -- Bursts change status a few times and record reply progress in between: leave room for HOT updates.
+    ALTER TABLE watibot.burst SET (
+        fillfactor = 80,
+        autovacuum_vacuum_scale_factor = 0.05,
+        autovacuum_analyze_scale_factor = 0.05
+    );
+
+    ALTER TABLE watibot.burst ADD COLUMN replayed_from text;
+    COMMENT ON COLUMN watibot.burst.replayed_from IS
+        'Status (dead or attention) the burst had when `watibot replay` put its messages back in the buffer.';
+
+    -- Pruning walks finished bursts oldest first; the health view reads the latest finish.
+    CREATE INDEX burst_finished_idx ON watibot.burst (finished_at) WHERE finished_at IS NOT NULL;
+
+    CREATE TABLE watibot.pruned_burst_totals (
+        series text             NOT NULL,
+        label  text             NOT NULL,
+        count  bigint           NOT NULL,
+        sum    double precision NOT NULL DEFAULT 0,
+        PRIMARY KEY (series, label)
+    );
+    COMMENT ON TABLE watibot.pruned_burst_totals IS
+        'Totals of the bursts deleted by `watibot prune`, by series (outcome, claim_lag, agent_seconds) and label '
+        '(outcome or histogram bucket), so that /metrics counters computed from the database never go backwards.';
+
+    -- Histogram buckets (upper bounds in seconds) for claim lag and agent time. They live in the schema because
+    -- bursts removed by `watibot prune` are folded into pruned_burst_totals by bucket: changing them is a
+    -- migration. width_bucket counts thresholds <= x (lower-inclusive) while Prometheus buckets are x <= le, so
+    -- both sides are negated: 14 - width_bucket(-x, negated bounds reversed) is the 1-based index of the first
+    -- bound >= x (14 = +Inf).
+    CREATE FUNCTION watibot.histogram_bucket(seconds float8) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (ARRAY['0.05', '0.1', '0.25', '0.5', '1', '2.5', '5', '10', '30', '60', '120', '300', '600', '+Inf'])[
+        14 - width_bucket(-seconds, ARRAY[-600, -300, -120, -60, -30, -10, -5, -2.5, -1, -0.5, -0.25, -0.1,
+                                          -0.05]::float8[])]
+    $$;
+    COMMENT ON FUNCTION watibot.histogram_bucket(float8) IS
+        'The Prometheus histogram bucket (le label) that a duration in seconds falls in.';
+
+    CREATE VIEW watibot.finished_burst_facts AS
+    SELECT b.id AS burst_id,
+           COALESCE(b.replayed_from, b.status) AS outcome,
+           b.replayed_from IS NOT NULL AS replayed,
+           EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
+           watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
+           EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
+           watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8) AS agent_le
+    FROM watibot.burst AS b
+    WHERE b.finished_at IS NOT NULL;
+    COMMENT ON VIEW watibot.finished_burst_facts IS
+        'One row per finished burst: outcome (as first decided, even if replayed since) and the histogram bucket '
+        'of its claim lag (started_at - due_at) and agent time. Read by /metrics and folded in by prune.';
+
     """)
+    op.execute(VIEWS)
 
 
 def downgrade() -> None:

@@ -19,8 +19,8 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
-    op.execute("""
+# The functions, as this revision made them (migration 0007 restores them on its downgrade).
+FUNCTIONS = """
     -- The messages of a burst as the pipeline reads them, in the order given.
     CREATE FUNCTION watibot.burst_messages(p_ids bigint[]) RETURNS jsonb
     LANGUAGE sql STABLE AS $$
@@ -224,7 +224,11 @@ def upgrade() -> None:
     COMMENT ON FUNCTION watibot.begin_burst(text, text, bigint, text, timestamptz, integer, boolean, text,
                                             float8, float8) IS
         'Begin or resume the burst of a claimed conversation (fenced); see the outcomes in the function body.';
-    """)
+"""
+
+
+def upgrade() -> None:
+    op.execute(FUNCTIONS)
 
 
 def downgrade() -> None:

@@ -20,8 +20,8 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
-    op.execute("""
+# The functions, as this revision made them (migration 0007 restores them on its downgrade).
+FUNCTIONS = """
     -- Before a reply part goes to WATI: extend the lease to cover the send, record the agent's reply (first
     -- time only) and mark the part in flight, unless the customer's newest message is older than WhatsApp's
     -- session window (may_send false, nothing marked). held = false: the fence no longer matches, or the burst
@@ -63,7 +63,11 @@ def upgrade() -> None:
     COMMENT ON FUNCTION watibot.mark_sending(text, text, bigint, text, float8, bigint, integer, float8, text, text,
                                              integer, timestamptz) IS
         'Fenced: extend the lease, record the reply, mark a part in flight before it goes to WATI.';
-    """)
+"""
+
+
+def upgrade() -> None:
+    op.execute(FUNCTIONS)
 
 
 def downgrade() -> None:

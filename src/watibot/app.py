@@ -20,8 +20,8 @@ from watibot.loops import Watchdog, exit_wedged
 from watibot.metrics import TimedWatiClient
 from watibot.metrics import router as metrics_router
 from watibot.pipeline import Pipeline
-from watibot.repository import Repository
 from watibot.settings import Settings, load_settings
+from watibot.store import InstanceStore, Stores
 from watibot.sweeper import Sweeper, new_owner_id
 
 log = logging.getLogger("watibot.app")
@@ -29,11 +29,11 @@ log = logging.getLogger("watibot.app")
 PASSKEY_SECRET = "webhook_passkey"  # noqa: S105 - the name of the stored secret, not a secret
 
 
-async def resolve_passkey(settings: Settings, repository: Repository) -> bytes:
+async def resolve_passkey(settings: Settings, instance: InstanceStore) -> bytes:
     """The configured passkey, or the one generated on first start and kept in the database."""
     if settings.webhook_passkey is not None:
         return settings.webhook_passkey.get_secret_value().encode()
-    value = await repository.get_or_create_secret(PASSKEY_SECRET, secrets.token_urlsafe(32))
+    value = await instance.get_or_create_secret(PASSKEY_SECRET, secrets.token_urlsafe(32))
     log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
                 "(`watibot webhook-url` prints the URL to give WATI)")
     return value.encode()
@@ -48,18 +48,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(active.log_level, active.log_format)
         url = db.resolve_database_url(active)
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
-        pool = await db.create_pool(active, url)
+        pool = await db.create_pool(active, url, size=active.db_pool_size - db.RESERVED_CONNECTIONS)
+        reserved = await db.create_pool(active, url, size=db.RESERVED_CONNECTIONS)
         outbound = agent_http_client(active.agent_timeout_seconds, active.concurrency)
         wati_http = wati_session(active.wati_timeout_seconds, active.concurrency)
-        repository = Repository(pool, active)
+        stores = Stores.over(pool, active, reserved=reserved)
         app.state.settings = active
-        app.state.repository = repository
-        app.state.passkey = await resolve_passkey(active, repository)
+        app.state.stores = stores
+        app.state.passkey = await resolve_passkey(active, stores.instance)
         app.state.sweeper = None
         if active.sweeper:
             wati = TimedWatiClient(active, wati_http)
-            pipeline = Pipeline(active, repository, build_agent(active, outbound), wati)
-            app.state.sweeper = Sweeper(active, repository, pipeline, new_owner_id(active.host_name))
+            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati)
+            app.state.sweeper = Sweeper(active, stores.claims, stores.instance, pipeline,
+                                        new_owner_id(active.host_name))
             set_worker(app.state.sweeper.owner)
             app.state.sweeper.start()
             log.info("sweeper started as %s (concurrency %d)", app.state.sweeper.owner, active.concurrency)
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await outbound.aclose()
             await wati_http.close()
             await pool.close()
+            await reserved.close()
 
     # No redirect for a trailing slash: Starlette's would send `POST /webhook/?passkey=…` to a plain-http Location
     # carrying the passkey. `/webhook/` is a 404.
@@ -110,7 +113,7 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     problems = []
     try:
-        problems.extend(await state.repository.readiness_problems())
+        problems.extend(await state.stores.instance.readiness_problems())
     except db.DatabaseUnavailable:
         problems.append("database unavailable")
     except db.DatabaseError as error:

@@ -164,36 +164,36 @@ class _SchemaMismatch(Exception):
     """The database is not at the revision this code reads (operator commands use the 0002 views)."""
 
 
-async def _with_repository(settings: Settings, action: Callable[[Any], Any]) -> Any:
-    from watibot.repository import OperatorRepository
+async def _with_stores(settings: Settings, action: Callable[[Any], Any]) -> Any:
+    from watibot.store import Stores
 
     with _database(settings) as url:
         pool = await db.create_pool(settings, url)
         try:
-            return await action(OperatorRepository(pool, settings))
+            return await action(Stores.over(pool, settings))
         finally:
             await pool.close()
 
 
 async def _with_current_schema(settings: Settings, action: Callable[[Any], Any]) -> Any:
-    """As `_with_repository`, after checking the schema revision (a clear message instead of a missing view)."""
+    """As `_with_stores`, after checking the schema revision (a clear message instead of a missing view)."""
 
-    async def checked(repository: Any) -> Any:
-        if await repository.migrated_revision() is None:
+    async def checked(stores: Any) -> Any:
+        if await stores.instance.migrated_revision() is None:
             raise _SchemaMismatch(f"the database schema is not migrated, this watibot expects "
                                   f"{db.SCHEMA_REVISION}: run `watibot migrate`")
-        problem = await repository.schema_problem()
+        problem = await stores.instance.schema_problem()
         if problem is not None:
             raise _SchemaMismatch(problem)
-        return await action(repository)
+        return await action(stores)
 
-    return await _with_repository(settings, checked)
+    return await _with_stores(settings, checked)
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    data = asyncio.run(_with_current_schema(settings, operators.status_data))
+    data = asyncio.run(_with_current_schema(settings, lambda stores: operators.status_data(stores.operators)))
     if args.json:
         import json
 
@@ -206,7 +206,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_conversation(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    stories = asyncio.run(_with_current_schema(settings, lambda repository: repository.conversation_story(args.wa_id)))
+    stories = asyncio.run(_with_current_schema(
+        settings, lambda stores: stores.operators.conversation_story(args.wa_id)))
     if not stories:
         print(f"watibot: no conversation with customer or waId {args.wa_id}", file=sys.stderr)
         return EXIT_FAILURE
@@ -219,7 +220,7 @@ def cmd_conversation(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
 
-    bursts = asyncio.run(_with_current_schema(settings, lambda repository: repository.dead_bursts(args.limit)))
+    bursts = asyncio.run(_with_current_schema(settings, lambda stores: stores.operators.dead_bursts(args.limit)))
     if args.json:
         import json
 
@@ -231,11 +232,11 @@ def cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from watibot import operators
-    from watibot.repository import ReplayRefused
+    from watibot.store.records import ReplayRefused
 
     try:
         result = asyncio.run(_with_current_schema(
-            settings, lambda repository: repository.replay(args.burst_id, force=args.force)))
+            settings, lambda stores: stores.operators.replay(args.burst_id, force=args.force)))
     except ReplayRefused as error:
         print(f"watibot: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -244,15 +245,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
-    from watibot.repository import PROBLEM_STATUSES
+    from watibot.store.records import PROBLEM_STATUSES
 
     keep = () if args.include_dead else PROBLEM_STATUSES
 
-    async def prune(repository: Any) -> tuple[int, int]:
-        cutoff = await repository.database_now() - args.older_than
+    async def prune(stores: Any) -> tuple[int, int]:
+        cutoff = await stores.instance.database_now() - args.older_than
         bursts = messages = 0
         while True:
-            batch_bursts, batch_messages = await repository.prune_batch(cutoff, keep, args.batch_size)
+            batch_bursts, batch_messages = await stores.operators.prune_batch(cutoff, keep, args.batch_size)
             bursts, messages = bursts + batch_bursts, messages + batch_messages
             if batch_bursts < args.batch_size:
                 return bursts, messages
@@ -265,7 +266,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_webhook_url(settings: Settings, args: argparse.Namespace) -> int:
     from watibot.app import resolve_passkey
 
-    passkey = asyncio.run(_with_repository(settings, lambda repository: resolve_passkey(settings, repository)))
+    passkey = asyncio.run(_with_stores(settings, lambda stores: resolve_passkey(settings, stores.instance)))
     print(f"{args.base_url.rstrip('/')}/webhook?passkey={passkey.decode()}")
     return EXIT_OK
 

@@ -30,7 +30,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0006_schema_compatibility"
+SCHEMA_REVISION = "0007_burst_life"
 
 
 def compatibility_problem(code: str, schema: str | None, rows: dict[str, tuple[int, str]]) -> str | None:
@@ -130,12 +130,18 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(settings: Settings, url: str) -> asyncpg.Pool:
-    """Open the pool. Connections are made lazily, so this succeeds while the database is down."""
+# Of each worker's WATIBOT_DB_POOL_SIZE connections, this many are kept for webhooks, the claim loop and the
+# heartbeat (store.Stores: ingest, claims, instance), so that bursts holding the rest never starve them.
+RESERVED_CONNECTIONS = 2
+
+
+async def create_pool(settings: Settings, url: str, size: int | None = None) -> asyncpg.Pool:
+    """Open a pool of `size` connections (WATIBOT_DB_POOL_SIZE by default). Connections are made lazily, so this
+    succeeds while the database is down."""
     pool = asyncpg.create_pool(
         url,
         min_size=0,
-        max_size=settings.db_pool_size,
+        max_size=size or settings.db_pool_size,
         timeout=settings.db_timeout_seconds,
         command_timeout=settings.db_timeout_seconds,
         init=_init_connection,

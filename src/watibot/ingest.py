@@ -201,10 +201,10 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
 async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
     """Commit what the event means; returns the status to answer. Raises DatabaseError (not known to be stored)."""
     if isinstance(event, OperatorMessage):
-        return "paused" if await state.repository.operator_message(event) else "ignored"
+        return "paused" if await state.stores.ingest.operator_message(event) else "ignored"
     if isinstance(event, DeliveryUpdate):
-        return "recorded" if await state.repository.delivery_update(event) else "ignored"
-    result = await state.repository.ingest(event)
+        return "recorded" if await state.stores.ingest.delivery_update(event) else "ignored"
+    result = await state.stores.ingest.ingest(event)
     if result.duplicate:
         log.debug("duplicate delivery %s", event.provider_message_id)
         return "duplicate"

@@ -28,14 +28,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from watibot.clients import SendRejected, SendUnknown, WatiClient
 from watibot.db import DatabaseError
-from watibot.repository import Claim, OperatorRepository
+from watibot.store.records import BurstStatus, Claim
 
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 WEBHOOK_STATUSES = ("buffered", "duplicate", "paused", "recorded", "ignored", "unauthorized", "too_large",
                     "unsupported_media_type", "invalid", "unavailable")
 _STATUS_BY_CODE = {401: "unauthorized", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
                    500: "error", 503: "unavailable"}
-BURST_OUTCOMES = ("sent", "no_reply", "dead", "attention", "superseded", "expired", "human")
+# How a burst can end (a replayed one counts under the outcome it had first).
+BURST_OUTCOMES = tuple(status.value for status in BurstStatus if not status.open and status != BurstStatus.REPLAYED)
 # The upper bounds of watibot.histogram_bucket (migration 0003), in order.
 DATABASE_BUCKETS = ("0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300", "600", "+Inf")
 
@@ -164,10 +165,9 @@ def process_registry() -> CollectorRegistry:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of the whole service: database state and every worker's counters."""
     state = request.app.state
-    repository = OperatorRepository(state.repository.pool, state.settings)
     health: dict[str, Any] | None
     try:
-        health, totals = await repository.metrics_snapshot()
+        health, totals = await state.stores.operators.metrics_snapshot()
     except DatabaseError:
         health, totals = None, []
     database = CollectorRegistry()

@@ -1,6 +1,6 @@
 """What the operator commands print: `watibot status`, `conversation`, `dead`, `replay` and `prune`.
 
-The data comes from `OperatorRepository`; this module only shapes it into tables (rich) and parses arguments.
+The data comes from `store.OperatorStore`; this module only shapes it into tables (rich) and parses arguments.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from watibot.logs import visible
-from watibot.repository import ConversationStory, OperatorRepository, ReplayResult
+from watibot.store import OperatorStore
+from watibot.store.records import ConversationStory, ReplayResult
 
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -50,7 +51,7 @@ def _short(text: str | None, width: int = 70) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-async def status_data(repository: OperatorRepository) -> dict[str, Any]:
+async def status_data(repository: OperatorStore) -> dict[str, Any]:
     """Everything `watibot status` shows: the legacy counts, the health row and the claims per worker."""
     counts = await repository.status()
     health = await repository.health()
@@ -149,6 +150,6 @@ def render_dead(out: Console, bursts: list[dict[str, Any]]) -> None:
 def describe_replay(result: ReplayResult) -> str:
     """One line saying what the replay did."""
     when = ("due now" if result.due_now
-            else "claimed right now: the current burst's completion schedules them")
-    return (f"burst {result.burst_id} ({result.replayed_from}) replayed: {result.messages} messages back in the "
-            f"buffer of {result.channel}/{result.customer}, {when}")
+            else "claimed right now: answered when its holder releases the conversation")
+    return (f"burst {result.burst_id} ({result.replayed_from}) replayed as burst {result.new_burst_id}: "
+            f"{result.messages} messages back in the buffer of {result.channel}/{result.customer}, {when}")

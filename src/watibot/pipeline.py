@@ -15,8 +15,9 @@ from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, 
 from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
-from watibot.repository import BufferedMessage, Burst, Claim, Closed, RecordedReply, Repository
 from watibot.settings import Settings
+from watibot.store import BurstStore
+from watibot.store.records import BufferedMessage, Burst, BurstStatus, Claim, Closed, RecordedReply
 
 log = logging.getLogger("watibot.pipeline")
 T = TypeVar("T")
@@ -27,20 +28,27 @@ def build_prompt(messages: list[AgentMessage]) -> str:
     return "\n".join(message.description for message in messages)
 
 
+# Why mark_sending closed a burst instead of marking its first part (watibot.mark_sending).
+_NOT_SENT = {
+    "expired": "the customer's latest message is older than WhatsApp's session window (a template is needed)",
+    "paused": "an operator wrote to the customer while the agent worked; the bot stays silent",
+}
+
+
 def local_message_id(burst_id: int, part: int, parts: int) -> str:
     """The `localMessageId` of one sent part: the burst id, with `.N` when the reply has several parts."""
     return str(burst_id) if parts == 1 else f"{burst_id}.{part + 1}"
 
 
 class Pipeline:
-    """Processes claimed conversations."""
+    """Processes claimed conversations. What each step does to the burst is in migrations/schema.sql."""
 
     def __init__(
-        self, settings: Settings, repository: Repository, agent: Agent, wati: WatiClient,
+        self, settings: Settings, bursts: BurstStore, agent: Agent, wati: WatiClient,
         schedule_hint: Callable[[float | None], None] = lambda wait: None,
     ) -> None:
         self.settings = settings
-        self.repository = repository
+        self.bursts = bursts
         self.agent = agent
         self.wati = wati
         self.schedule_hint = schedule_hint
@@ -65,7 +73,7 @@ class Pipeline:
     async def _begin(self, claim: Claim, context: dict[str, object]) -> Burst | None:
         """Begin (or resume) the burst, or report why there is none to run."""
         try:
-            begun = await self.repository.begin_burst(claim)
+            begun = await self.bursts.begin(claim)
         except (LeaseLost, DatabaseError) as error:
             log.warning("could not begin burst: %s", error, extra=context)
             return None
@@ -91,7 +99,7 @@ class Pipeline:
             await self._send(claim, burst, parts, new_reply, context)
         except SendUnknown as error:
             log.error("send outcome unknown, burst needs attention: %s", error, extra=context)
-            await self._close(claim, burst, "attention", str(error), context)
+            await self._close(claim, burst, BurstStatus.ATTENTION, str(error), context)
         except (AgentError, SendRejected) as error:
             await self._failed(claim, burst, error, context)
         except LeaseLost:
@@ -109,39 +117,35 @@ class Pipeline:
     ) -> None:
         """Send the parts not yet accepted, each fenced and recorded, then complete the burst.
 
-        The first mark also records a new reply and checks WhatsApp's session window; the last part's
-        acceptance is recorded by the completion itself.
+        The first mark also records a new reply, and may find the burst closed instead (session window, an
+        operator's pause); the last part's acceptance is recorded by the completion itself.
         """
         last = len(parts) - 1
         wait = None
         if burst.parts_sent > last:  # every part accepted before; only the completion is missing
-            wait = await self._persist(
-                functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts)))
+            wait = await self._persist(functools.partial(
+                self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         for part in range(burst.parts_sent, len(parts)):
             with self._part_in_flight():
-                may_send = await self.repository.mark_sending(claim, burst, part, new_reply)
+                closed = await self.bursts.mark_sending(claim, burst, part, new_reply)
                 new_reply = None
-                if not may_send:
-                    reason = (f"not sent: the customer's latest message is older than WhatsApp's "
-                              f"{self.settings.session_window_hours:g}-hour session window (a template is needed)")
-                    log.warning("%s", reason, extra=context)
-                    await self._close(claim, burst, "expired", reason, context)
+                if closed is not None:
+                    log.warning("reply not sent: %s", _NOT_SENT[closed.reason], extra=context)
+                    self.schedule_hint(closed.wait_seconds)
                     return
                 try:
                     await self.wati.send_text(
                         claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
                     )
                 except SendRejected:
-                    await self.repository.clear_sending(claim, burst)
-                    raise
+                    raise  # certainly not sent: fail_burst clears the mark
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
                 # database outage, or a taker would have to treat the send as unknown.
                 if part < last:
-                    await self._persist(functools.partial(self.repository.mark_part_sent, claim, burst, part))
+                    await self._persist(functools.partial(self.bursts.part_sent, claim, burst, part))
                     continue
-                wait = await self._persist(
-                    functools.partial(self.repository.complete, claim, burst, "sent", parts_sent=len(parts))
-                )
+                wait = await self._persist(functools.partial(
+                    self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
 
@@ -195,8 +199,8 @@ class Pipeline:
         ]
         history: list[Turn] = []
         if self.agent.uses_history:
-            pairs = await self.repository.history(claim, burst, self.settings.history_turns,
-                                                  self.settings.history_chars)
+            pairs = await self.bursts.history(claim, burst, self.settings.history_turns,
+                                              self.settings.history_chars)
             history = [Turn(prompt, reply) for prompt, reply in pairs]
         request = AgentRequest(
             conversation=f"{claim.channel}/{claim.customer}", wa_id=claim.wa_id, burst_id=burst.id,
@@ -210,14 +214,16 @@ class Pipeline:
             raise AgentError(f"agent did not answer within {self.settings.agent_timeout_seconds:g} s") from None
         if text is None or not text.strip():
             silent = RecordedReply(request.prompt, "", 0, started)
-            self.schedule_hint(await self.repository.complete(claim, burst, "no_reply", reply=silent))
+            self.schedule_hint(await self.bursts.finish(claim, burst, BurstStatus.NO_REPLY, reply=silent))
             return None
         parts = split_text(text)
         reply = RecordedReply(request.prompt, text, len(parts), started)
-        if self.settings.supersede and await self.repository.has_newer_messages(claim, burst):
+        if self.settings.supersede and await self.bursts.should_supersede(claim):
             log.info("newer messages arrived while the agent worked: reply discarded, burst enlarged",
                      extra={"conversation": request.conversation, "burst": burst.id})
-            self.schedule_hint(await self.repository.supersede(claim, burst, reply))
+            self.schedule_hint(await self.bursts.finish(
+                claim, burst, BurstStatus.SUPERSEDED, reply=reply, record_text=True,
+                error="newer messages arrived before the reply was sent: the next burst answers them all"))
             return None
         return parts, reply
 
@@ -233,29 +239,29 @@ class Pipeline:
     async def _failed(
         self, claim: Claim, burst: Burst, error: AgentError | SendRejected, context: dict[str, object]
     ) -> None:
-        if error.permanent or burst.attempts >= self.settings.max_attempts:
-            reason = str(error) if error.permanent else f"gave up after {burst.attempts} attempts: {error}"
-            log.error("burst dead: %s", reason, extra=context)
-            await self._close(claim, burst, "dead", reason, context)
-            return
         delay = self.backoff(burst.attempts, error.retry_after)
-        log.warning("attempt %d failed (%s); retrying in %.1f s", burst.attempts, error, delay, extra=context)
         try:
-            await self.repository.retry_later(claim, burst, str(error), delay)
-            self.schedule_hint(delay)
+            outcome = await self.bursts.fail(claim, burst, str(error), permanent=error.permanent, retry_in=delay)
         except (LeaseLost, DatabaseError) as db_error:
-            log.warning("could not schedule retry: %s", db_error, extra=context)
+            log.warning("could not record the failure (%s): %s", error, db_error, extra=context)
+            return
+        if outcome.reason == "dead":
+            log.error("burst dead after %d attempt(s): %s", burst.attempts, error, extra=context)
+        else:
+            log.warning("attempt %d failed (%s); retrying in %.1f s", burst.attempts, error, delay, extra=context)
+        self.schedule_hint(outcome.wait_seconds)
 
-    async def _close(self, claim: Claim, burst: Burst, status: str, reason: str, context: dict[str, object]) -> None:
+    async def _close(self, claim: Claim, burst: Burst, status: BurstStatus, reason: str,
+                     context: dict[str, object]) -> None:
         try:
-            self.schedule_hint(await self.repository.give_up(claim, burst, status, reason))
+            self.schedule_hint(await self.bursts.finish(claim, burst, status, error=reason))
         except (LeaseLost, DatabaseError) as db_error:
             log.warning("could not mark burst %s: %s", status, db_error, extra=context)
 
     async def _hand_back(self, claim: Claim, burst: Burst, context: dict[str, object]) -> None:
         try:
             # wait_for, not asyncio.timeout: this runs while the task is being cancelled
-            await asyncio.wait_for(self.repository.hand_back(claim, burst), self.settings.db_timeout_seconds)
+            await asyncio.wait_for(self.bursts.hand_back(claim, burst), self.settings.db_timeout_seconds)
             log.info("handed the claim back", extra=context)
         except (LeaseLost, DatabaseError, TimeoutError) as error:
             log.warning("could not hand back the claim (%s); its lease will expire", error, extra=context)

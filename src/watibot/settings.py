@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     claim_batch: Annotated[int, Field(gt=0)] = 50
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 20.0
     db_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
-    db_pool_size: Annotated[int, Field(gt=0)] = 10
+    db_pool_size: Annotated[int, Field(gt=2)] = 10  # 2 of them reserved: db.RESERVED_CONNECTIONS
     db_startup_timeout_seconds: Annotated[float, Field(ge=0)] = 60.0
     db_statement_cache_size: Annotated[int, Field(ge=0)] = Field(
         default=100,

@@ -21,11 +21,13 @@ import socket
 
 from watibot.loops import LoopMonitor
 from watibot.pipeline import Pipeline
-from watibot.repository import Claim, Repository
 from watibot.settings import Settings
+from watibot.store import ClaimStore, InstanceStore
+from watibot.store.records import Claim
 
 log = logging.getLogger("watibot.sweeper")
 SCHEMA_CHECK_SECONDS = 5.0
+LOCKED_DUE_RETRY_SECONDS = 0.05  # when the earliest due conversation is locked by someone else
 
 
 def new_owner_id(host: str | None = None) -> str:
@@ -36,9 +38,11 @@ def new_owner_id(host: str | None = None) -> str:
 class Sweeper:
     """Claims due conversations, holds their leases, and processes up to `concurrency` at once."""
 
-    def __init__(self, settings: Settings, repository: Repository, pipeline: Pipeline, owner: str) -> None:
+    def __init__(self, settings: Settings, claims: ClaimStore, instance: InstanceStore, pipeline: Pipeline,
+                 owner: str) -> None:
         self.settings = settings
-        self.repository = repository
+        self.claims = claims
+        self.instance = instance
         self.pipeline = pipeline
         self.owner = owner
         self.in_flight: dict[tuple[str, str], tuple[Claim, asyncio.Task[None]]] = {}
@@ -109,7 +113,7 @@ class Sweeper:
         loop = asyncio.get_running_loop()
         if loop.time() - self._schema_checked_at < SCHEMA_CHECK_SECONDS:
             return
-        problem = await self.repository.schema_problem()
+        problem = await self.instance.schema_problem()
         self._schema_checked_at = loop.time()
         if problem != self.schema_problem:
             if problem:
@@ -124,15 +128,22 @@ class Sweeper:
         if self.schema_problem is not None:
             return None
         free = self.settings.concurrency - len(self.in_flight)
+        claimed = 0
         if free > 0:
-            claims = await self.repository.claim_due(self.owner, min(free, self.settings.claim_batch))
+            claims = await self.claims.claim_due(self.owner, min(free, self.settings.claim_batch))
             for claim in claims:
                 self._launch(claim)
-            if len(claims) == min(free, self.settings.claim_batch):
+            claimed = len(claims)
+            if claimed == min(free, self.settings.claim_batch):
                 return 0.0  # there may be more due right now
         if len(self.in_flight) >= self.settings.concurrency:
             return None  # a finishing burst wakes us
-        return await self.repository.next_due_wait()
+        wait = await self.claims.next_due_wait()
+        if wait is not None and wait <= 0 and claimed == 0:
+            # Due, yet nothing could be claimed: another worker (or a webhook) holds the row's lock right now.
+            # Look again shortly instead of at once, or this loop would spin on the locked row.
+            return min(self.settings.poll_seconds, LOCKED_DUE_RETRY_SECONDS)
+        return wait
 
     def _launch(self, claim: Claim) -> None:
         key = (claim.channel, claim.customer)
@@ -160,7 +171,7 @@ class Sweeper:
             wait = self.settings.heartbeat_seconds
             held = list(self.in_flight.values())
             try:
-                still_held = await self.repository.heartbeat(self.owner, [claim for claim, _ in held])
+                still_held = await self.claims.heartbeat(self.owner, [claim for claim, _ in held])
                 last_success = loop.time()
                 self.heartbeat_monitor.succeeded()
             except Exception as error:  # the loop must survive anything: the monitor logs it and backs off

@@ -1,0 +1,1672 @@
+-- watibot's schema as it is now: what `alembic upgrade head` builds (tests/test_schema.py checks that they agree).
+--
+-- The migrations in versions/ are the history; this file is what a reader opens. Below the marker it is a
+-- pg_dump of schema watibot (regenerate it with `python migrations/snapshot.py`); every table, column, view and
+-- function carries its own COMMENT. Above the marker, written by hand: how a burst lives.
+--
+-- == The burst's life ============================================================================================
+--
+-- A conversation is one row of watibot.conversation; its messages are rows of watibot.message, each written once
+-- at the next position of its conversation (last_position, advanced under the conversation row's lock by the
+-- webhook statement that inserts it). answered_position is the high-water mark: every message at or below it
+-- has been answered. A burst is a range of positions (after_position, through_position]; closing it is one write
+-- to the conversation (answered_position := through_position), whatever its size.
+--
+--   webhook ──> buffer (messages above conversation.answered_position) ──claim──> begin_burst
+--
+--   begin_burst ──> processing ──(agent)──> mark_sending ──> sending ──> part_sent ──> … ──> finish_burst
+--        │              │  no reply ──────────────────────────────────────────> no_reply
+--        │              │  newer messages (supersede) ────────────────────────> superseded (buffer kept)
+--        │              │  agent / WATI failure: fail_burst ──> retry ──(due)──> begin_burst
+--        │              │                                └─ attempts used / permanent ──> dead
+--        │              └─ stopping: hand_back ──> retry (attempt not counted)
+--        │  mark_sending finds: pause (operator wrote) ──> superseded; window closed ──> expired;
+--        │                      caller's deadline passed ──> nothing written (late)
+--        │  sent, but WATI reported a failed delivery meanwhile ──> attention
+--        └─ finds the open burst with a send in flight (its holder died) ──> attention
+--           finds its attempts used ──> dead; the operator answered ──> human; nothing buffered ──> empty
+--   dead | attention ──(watibot replay)──> replayed, and a new open burst over the same messages
+--
+-- Statuses: open = processing, sending, retry (conversation.open_burst_id points at it); consuming = sent,
+-- no_reply, human, dead, attention, expired (closing one moves answered_position to its through_position);
+-- superseded and replayed consume nothing. Every transition below takes the conversation row lock and checks the
+-- claim's fence first (FOR UPDATE, then read: a webhook holding the lock is waited for, and its messages are
+-- then visible to the next statement).
+
+-- Where each rule lives (each once):
+--   the buffer window (fixed / sliding, capped) ... buffer_due(), used by the webhook statement and release_claim()
+--   WhatsApp's session window .................... in_session_window(), checked by mark_sending() on part 1
+--   which statuses answer their messages .......... consumes(); BurstStatus.consumes in Python (a test compares)
+--   open statuses ................................. conversation.open_burst_id points at the open burst; the
+--                                                   CHECK constraint lists every status, as BurstStatus does
+--   max attempts .................................. begin_burst() (a holder died mid-attempt) and fail_burst()
+--                                                   (a failed attempt), both against p_max_attempts
+--   supersede cap ................................. the store's SHOULD_SUPERSEDE (buffer younger than its max)
+--
+-- Indexes and their readers:
+--   conversation_pkey ........... every fenced step, webhooks' upsert
+--   conversation_due_idx ........ the claim (due_at <= now() ORDER BY due_at), next_due_wait
+--   message_pkey ................ message_outcome (operators)
+--   message_provider_message_id_key  duplicate deliveries
+--   message_position_idx ........ a burst's messages, the first and last of the buffer, prune, operators
+--   burst_pkey .................. every step on a burst
+--   burst_conversation_idx ...... the agent's history, `watibot conversation`, message_outcome
+--   burst_problem_idx ........... watibot.dead, health's dead/attention counts
+--   burst_finished_idx .......... prune (oldest finished first), health's last hour
+--
+-- ==== pg_dump below: regenerate with `python migrations/snapshot.py`, do not edit by hand ====
+
+--
+-- PostgreSQL database dump
+--
+
+
+
+SET statement_timeout = 0;
+SET lock_timeout = 0;
+SET idle_in_transaction_session_timeout = 0;
+SET transaction_timeout = 0;
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+SET check_function_bodies = false;
+SET xmloption = content;
+SET client_min_messages = warning;
+SET row_security = off;
+
+--
+-- Name: watibot; Type: SCHEMA; Schema: -; Owner: -
+--
+
+CREATE SCHEMA watibot;
+
+
+--
+-- Name: SCHEMA watibot; Type: COMMENT; Schema: -; Owner: -
+--
+
+COMMENT ON SCHEMA watibot IS 'watibot: WhatsApp burst buffer coordinated by PostgreSQL.';
+
+
+--
+-- Name: begin_burst(text, text, bigint, text, timestamp with time zone, bigint, integer, boolean, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.begin_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_due_at timestamp with time zone, p_through bigint, p_max_attempts integer, p_skip_human boolean, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT burst_id bigint, OUT attempts integer, OUT reply text, OUT reply_parts integer, OUT parts_sent integer, OUT messages jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    c watibot.conversation%ROWTYPE;
+    b watibot.burst%ROWTYPE;
+    through bigint;
+BEGIN
+    c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                   p_owner => p_owner);
+    IF c.channel IS NULL THEN
+        outcome := 'lost';
+        RETURN;
+    END IF;
+
+    IF c.paused_until > now() THEN
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                              p_due_at => c.paused_until);
+        outcome := 'paused';
+        RETURN;
+    END IF;
+
+    IF c.open_burst_id IS NOT NULL THEN
+        SELECT * INTO b FROM watibot.burst WHERE id = c.open_burst_id;
+    END IF;
+
+    IF p_skip_human AND c.human_position > c.answered_position THEN
+        IF b.id IS NOT NULL AND c.human_position >= b.through_position THEN
+            UPDATE watibot.burst SET status = 'human', error = 'answered by a human operator', finished_at = now(),
+                through_position = c.human_position
+            WHERE id = b.id;
+            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
+            b := NULL;
+        ELSIF b.id IS NULL THEN
+            INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence,
+                                       claimed_by, status, error, finished_at)
+            SELECT p_channel, p_customer, c.answered_position, c.human_position, count(*), p_fence, p_owner,
+                   'human', 'answered by a human operator', now()
+            FROM watibot.message AS m
+            WHERE m.channel = p_channel AND m.customer = p_customer
+              AND m.position > c.answered_position AND m.position <= c.human_position;
+            UPDATE watibot.conversation SET answered_position = c.human_position
+            WHERE channel = p_channel AND customer = p_customer;
+        END IF;
+        SELECT * INTO c FROM watibot.conversation WHERE channel = p_channel AND customer = p_customer;
+    END IF;
+
+    IF b.id IS NOT NULL THEN
+        IF b.sending_part IS NOT NULL OR b.attempts >= p_max_attempts THEN
+            outcome := CASE WHEN b.sending_part IS NOT NULL THEN 'attention' ELSE 'dead' END;
+            UPDATE watibot.burst SET status = outcome, finished_at = now(),
+                error = CASE WHEN b.sending_part IS NOT NULL
+                    THEN 'send of reply part ' || (b.sending_part + 1) || ' was in flight when its worker '
+                         || 'lost the claim: outcome unknown, not re-sent'
+                    ELSE 'gave up after ' || b.attempts || ' attempts; last error: ' || COALESCE(b.error, '-') END
+            WHERE id = b.id;
+            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
+            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+            RETURN;
+        END IF;
+        -- Nothing was said yet: the retry answers the whole buffer up to the claim, newer messages included
+        -- (a replayed burst behind the high-water mark keeps its own range).
+        through := CASE WHEN b.reply IS NULL AND b.through_position >= c.answered_position
+                        THEN GREATEST(b.through_position, p_through) ELSE b.through_position END;
+        UPDATE watibot.burst SET
+            status = CASE WHEN b.reply IS NULL THEN 'processing' ELSE 'sending' END,
+            through_position = through,
+            messages = CASE WHEN through = b.through_position THEN b.messages ELSE (
+                SELECT count(*) FROM watibot.message AS m WHERE m.channel = p_channel AND m.customer = p_customer
+                  AND m.position > b.after_position AND m.position <= through) END,
+            attempts = b.attempts + 1, fence = p_fence, claimed_by = p_owner, due_at = p_due_at, started_at = now()
+        WHERE id = b.id;
+        outcome := 'run';
+        burst_id := b.id;
+        attempts := b.attempts + 1;
+        reply := b.reply;
+        reply_parts := b.reply_parts;
+        parts_sent := b.parts_sent;
+        messages := watibot.burst_messages(p_channel, p_customer, b.after_position, through);
+        RETURN;
+    END IF;
+
+    -- The burst: every message after the high-water mark, up to the claim's position.
+    IF p_through <= c.answered_position THEN
+        outcome := 'empty';
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        RETURN;
+    END IF;
+    messages := watibot.burst_messages(p_channel, p_customer, c.answered_position, p_through);
+    INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence, claimed_by,
+                               due_at)
+    VALUES (p_channel, p_customer, c.answered_position, p_through, jsonb_array_length(messages), p_fence, p_owner,
+            p_due_at)
+    RETURNING id INTO burst_id;
+    UPDATE watibot.conversation SET open_burst_id = burst_id WHERE channel = p_channel AND customer = p_customer;
+    outcome := 'run';
+    attempts := 1;
+    parts_sent := 0;
+END $$;
+
+
+--
+-- Name: FUNCTION begin_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_due_at timestamp with time zone, p_through bigint, p_max_attempts integer, p_skip_human boolean, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT burst_id bigint, OUT attempts integer, OUT reply text, OUT reply_parts integer, OUT parts_sent integer, OUT messages jsonb); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.begin_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_due_at timestamp with time zone, p_through bigint, p_max_attempts integer, p_skip_human boolean, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT burst_id bigint, OUT attempts integer, OUT reply text, OUT reply_parts integer, OUT parts_sent integer, OUT messages jsonb) IS 'begin_burst: begin (or resume) the burst of a claimed conversation, up to p_through (the conversation''s
+last_position read by the claim). Outcomes:
+  run        a burst to process (burst_id, attempts, reply/parts if one was recorded, messages)
+  paused     an operator took over: released until the pause ends
+  attention  the previous holder left a send in flight: outcome unknown, closed, not re-sent
+  dead       the open burst has used its attempts
+  empty      nothing buffered: released
+  lost       the fence no longer matches: nothing changed
+Messages an operator answered (up to human_position) are closed as a `human` burst first.';
+
+
+--
+-- Name: begin_bursts(text[], text[], bigint[], text[], timestamp with time zone[], bigint[], integer, boolean, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.begin_bursts(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_due_ats timestamp with time zone[], p_throughs bigint[], p_max_attempts integer, p_skip_human boolean, p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(outcome text, wait_seconds double precision, burst_id bigint, attempts integer, reply text, reply_parts integer, parts_sent integer, messages jsonb)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM watibot.lock_conversations(p_channels, p_customers);
+    RETURN QUERY
+    SELECT b.* FROM unnest(p_channels, p_customers, p_fences, p_owners, p_due_ats, p_throughs)
+        WITH ORDINALITY AS i(channel, customer, fence, owner, due_at, through, position)
+    CROSS JOIN LATERAL watibot.begin_burst(
+        p_channel => i.channel, p_customer => i.customer, p_fence => i.fence, p_owner => i.owner,
+        p_due_at => i.due_at, p_through => i.through, p_max_attempts => p_max_attempts,
+        p_skip_human => p_skip_human, p_mode => p_mode, p_window => p_window, p_max => p_max) AS b
+    ORDER BY i.position;
+END $$;
+
+
+--
+-- Name: buffer_due(timestamp with time zone, timestamp with time zone, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.buffer_due(p_first timestamp with time zone, p_last timestamp with time zone, p_mode text, p_window double precision, p_max double precision) RETURNS timestamp with time zone
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_first IS NULL THEN NULL
+        WHEN p_mode = 'sliding' THEN LEAST(p_last + make_interval(secs => p_window),
+                                           p_first + make_interval(secs => p_max))
+        ELSE p_first + make_interval(secs => p_window)
+    END
+$$;
+
+
+--
+-- Name: FUNCTION buffer_due(p_first timestamp with time zone, p_last timestamp with time zone, p_mode text, p_window double precision, p_max double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.buffer_due(p_first timestamp with time zone, p_last timestamp with time zone, p_mode text, p_window double precision, p_max double precision) IS 'The window rule: when a buffer whose first and latest messages arrived at p_first and p_last is due. fixed: first message + window; sliding: latest + window, at most first + max.';
+
+
+--
+-- Name: burst_fact_totals(bigint[]); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_fact_totals(p_burst_ids bigint[] DEFAULT NULL::bigint[]) RETURNS TABLE(series text, label text, count bigint, sum double precision)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT * FROM (
+        SELECT CASE WHEN GROUPING(f.outcome) = 0 THEN 'outcome'
+                    WHEN GROUPING(f.replayed) = 0 THEN 'replayed'
+                    WHEN GROUPING(f.claim_lag_le) = 0 THEN 'claim_lag'
+                    ELSE 'agent_seconds' END AS series,
+               COALESCE(f.outcome, f.replayed::text, f.claim_lag_le, f.agent_le) AS label,
+               count(*) AS count,
+               COALESCE(CASE WHEN GROUPING(f.claim_lag_le) = 0 THEN sum(f.claim_lag_seconds)
+                             WHEN GROUPING(f.agent_le) = 0 THEN sum(f.agent_seconds) END, 0)::float8 AS sum
+        FROM watibot.finished_burst_facts AS f
+        WHERE p_burst_ids IS NULL OR f.burst_id = ANY(p_burst_ids)
+        GROUP BY GROUPING SETS ((f.outcome), (f.replayed), (f.claim_lag_le), (f.agent_le))
+    ) AS totals
+    WHERE totals.label IS NOT NULL AND totals.label <> 'false'
+$$;
+
+
+--
+-- Name: FUNCTION burst_fact_totals(p_burst_ids bigint[]); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_fact_totals(p_burst_ids bigint[]) IS 'Counts and sums of finished bursts (all, or those of p_burst_ids) by series: outcome, replayed, and the histogram buckets of claim_lag and agent_seconds. Read by /metrics; `watibot prune` folds the totals of the bursts it deletes into pruned_burst_totals with it.';
+
+
+--
+-- Name: burst_messages(text, text, bigint, bigint); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT COALESCE(jsonb_agg(jsonb_build_object(
+               'id', m.id, 'provider_message_id', m.provider_message_id, 'type', m.type, 'text', m.text,
+               'wati_timestamp', m.wati_timestamp, 'received_at', m.received_at, 'data', m.payload -> 'data')
+               ORDER BY m.wati_timestamp NULLS LAST, m.position), '[]'::jsonb)
+    FROM watibot.message AS m
+    WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > p_after AND m.position <= p_through
+$$;
+
+
+--
+-- Name: FUNCTION burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint) IS 'The messages after p_after up to p_through, in prompt order (WATI''s timestamp, then arrival).';
+
+
+--
+-- Name: consume_open_burst(text, text, bigint); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) RETURNS void
+    LANGUAGE sql
+    AS $$
+    UPDATE watibot.conversation AS c SET
+        answered_position = GREATEST(c.answered_position,
+                                     (SELECT b.through_position FROM watibot.burst AS b WHERE b.id = p_burst_id)),
+        open_burst_id = NULL
+    WHERE c.channel = p_channel AND c.customer = p_customer
+$$;
+
+
+--
+-- Name: FUNCTION consume_open_burst(p_channel text, p_customer text, p_burst_id bigint); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) IS 'Close the open burst as a consuming status: the high-water mark passes its messages, nothing is open.';
+
+
+--
+-- Name: consumes(text); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.consumes(p_status text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT p_status IN ('sent', 'no_reply', 'human', 'dead', 'attention', 'expired')
+$$;
+
+
+--
+-- Name: FUNCTION consumes(p_status text); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.consumes(p_status text) IS 'Whether a burst closed with this status answered its messages (superseded and replayed did not).';
+
+
+--
+-- Name: fail_burst(text, text, bigint, text, bigint, text, boolean, double precision, integer, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.fail_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_error text, p_permanent boolean, p_retry_in double precision, p_max_attempts integer, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT attempts integer) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    b watibot.burst%ROWTYPE;
+BEGIN
+    IF (watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                  p_owner => p_owner)).channel IS NULL THEN
+        outcome := 'lost';
+        RETURN;
+    END IF;
+    SELECT * INTO b FROM watibot.burst WHERE id = p_burst_id;
+    attempts := b.attempts;
+    IF p_permanent OR b.attempts >= p_max_attempts THEN
+        UPDATE watibot.burst SET status = 'dead', sending_part = NULL, finished_at = now(),
+            error = CASE WHEN p_permanent THEN p_error ELSE 'gave up after ' || b.attempts || ' attempts: ' || p_error END
+        WHERE id = p_burst_id;
+        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        outcome := 'dead';
+        RETURN;
+    END IF;
+    UPDATE watibot.burst SET status = 'retry', sending_part = NULL, error = p_error WHERE id = p_burst_id;
+    UPDATE watibot.conversation SET
+        claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+        due_at = now() + make_interval(secs => p_retry_in), attempts = b.attempts, last_error = p_error,
+        updated_at = now()
+    WHERE channel = p_channel AND customer = p_customer;
+    wait_seconds := p_retry_in;
+    outcome := 'retry';
+END $$;
+
+
+--
+-- Name: FUNCTION fail_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_error text, p_permanent boolean, p_retry_in double precision, p_max_attempts integer, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT attempts integer); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.fail_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_error text, p_permanent boolean, p_retry_in double precision, p_max_attempts integer, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision, OUT attempts integer) IS 'fail_burst: the agent or WATI failed (WATI certainly did not take the part: no send in flight). With attempts
+left and a transient error the burst waits p_retry_in seconds (outcome retry); otherwise it is dead.';
+
+
+--
+-- Name: finish_burst(text, text, bigint, text, bigint, text, text, integer, text, text, timestamp with time zone, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_variable
+DECLARE
+    c watibot.conversation%ROWTYPE;
+BEGIN
+    c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                   p_owner => p_owner);
+    IF c.channel IS NULL THEN
+        held := false;
+        RETURN;
+    END IF;
+    UPDATE watibot.burst AS b SET
+        status = CASE WHEN p_status = 'sent' AND b.delivery_status = 'failed' THEN 'attention' ELSE p_status END,
+        error = COALESCE(p_error, CASE WHEN p_status = 'sent' AND b.delivery_status = 'failed'
+            THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE(b.delivery_error, '-') END,
+            b.error),
+        finished_at = now(),
+        parts_sent = COALESCE(p_parts_sent, b.parts_sent),
+        sending_part = CASE WHEN p_parts_sent IS NULL THEN b.sending_part END,
+        sent_at = CASE WHEN p_status = 'sent' THEN COALESCE(b.sent_at, now()) ELSE b.sent_at END,
+        prompt = COALESCE(p_prompt, b.prompt), reply = COALESCE(p_reply, b.reply),
+        agent_started_at = COALESCE(p_agent_started_at, b.agent_started_at),
+        agent_finished_at = COALESCE(b.agent_finished_at, CASE WHEN p_agent_started_at IS NOT NULL THEN now() END)
+    WHERE b.id = p_burst_id
+    RETURNING b.status INTO status;
+    IF watibot.consumes(p_status) THEN
+        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
+    ELSE
+        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
+    END IF;
+    held := true;
+    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+END $$;
+
+
+--
+-- Name: FUNCTION finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text) IS 'finish_burst: close the open burst as p_status: sent (p_parts_sent accepted), no_reply, superseded (the
+messages stay in the buffer and join the next burst), dead, attention or expired (with p_error). A burst
+whose delivery WATI reported failed while its later parts went out closes as attention, not sent. The claim is
+released and the buffer scheduled. held = false: the fence no longer matches, nothing was changed.';
+
+
+--
+-- Name: finish_bursts(text[], text[], bigint[], text[], bigint[], text[], text[], integer[], text[], text[], timestamp with time zone[], text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.finish_bursts(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_statuses text[], p_errors text[], p_parts_sent integer[], p_prompts text[], p_replies text[], p_agent_started_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(held boolean, wait_seconds double precision, status text)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM watibot.lock_conversations(p_channels, p_customers);
+    RETURN QUERY
+    SELECT f.* FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_statuses, p_errors,
+                           p_parts_sent, p_prompts, p_replies, p_agent_started_ats)
+        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
+                             agent_started_at, position)
+    CROSS JOIN LATERAL watibot.finish_burst(
+        p_channel => i.channel, p_customer => i.customer, p_fence => i.fence, p_owner => i.owner,
+        p_burst_id => i.burst_id, p_status => i.status, p_error => i.error, p_parts_sent => i.parts_sent,
+        p_prompt => i.prompt, p_reply => i.reply, p_agent_started_at => i.agent_started_at,
+        p_mode => p_mode, p_window => p_window, p_max => p_max) AS f
+    ORDER BY i.position;
+END $$;
+
+
+--
+-- Name: hand_back(text, text, bigint, text, bigint); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.hand_back(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    left_attempts integer := 0;
+BEGIN
+    IF (watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                  p_owner => p_owner)).channel IS NULL THEN
+        RETURN false;
+    END IF;
+    IF p_burst_id IS NOT NULL THEN
+        UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1 WHERE id = p_burst_id
+        RETURNING attempts INTO left_attempts;
+    END IF;
+    UPDATE watibot.conversation SET
+        claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = now(),
+        attempts = COALESCE(left_attempts, 0), updated_at = now()
+    WHERE channel = p_channel AND customer = p_customer;
+    RETURN true;
+END $$;
+
+
+--
+-- Name: FUNCTION hand_back(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.hand_back(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint) IS 'hand_back: a stopping worker releases its claim, due now; the open burst (if begun) keeps its reply and
+progress and the attempt does not count. false: the fence no longer matches.';
+
+
+SET default_tablespace = '';
+
+SET default_table_access_method = heap;
+
+--
+-- Name: conversation; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.conversation (
+    channel text NOT NULL,
+    customer text NOT NULL,
+    wa_id text,
+    due_at timestamp with time zone,
+    buffer_started_at timestamp with time zone,
+    claimed_by text,
+    claimed_at timestamp with time zone,
+    lease_expires_at timestamp with time zone,
+    fence bigint DEFAULT 0 NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    last_error text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    paused_until timestamp with time zone,
+    human_message_at timestamp with time zone,
+    last_position bigint DEFAULT 0 NOT NULL,
+    answered_position bigint DEFAULT 0 NOT NULL,
+    human_position bigint,
+    last_customer_message_at timestamp with time zone,
+    open_burst_id bigint,
+    CONSTRAINT conversation_check CHECK (((claimed_by IS NULL) = (lease_expires_at IS NULL)))
+)
+WITH (fillfactor='70', autovacuum_vacuum_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
+
+
+--
+-- Name: TABLE conversation; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.conversation IS 'One row per customer per WhatsApp number: the timer (due_at) and the claim (claimed_by, lease, fence).';
+
+
+--
+-- Name: COLUMN conversation.channel; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.channel IS 'WATI channelPhoneNumber: our number that received the messages ('''' when WATI sent none).';
+
+
+--
+-- Name: COLUMN conversation.customer; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.customer IS 'The customer: WATI bsuid when sent, otherwise waId.';
+
+
+--
+-- Name: COLUMN conversation.wa_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.wa_id IS 'Latest waId seen; replies are sent to it.';
+
+
+--
+-- Name: COLUMN conversation.due_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.due_at IS 'When a sweeper should next look at this conversation: end of the buffer window, a retry time, or the lease expiry while claimed. NULL: nothing to do.';
+
+
+--
+-- Name: COLUMN conversation.buffer_started_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.buffer_started_at IS 'Arrival of the first message of the burst being buffered (start of the window).';
+
+
+--
+-- Name: COLUMN conversation.claimed_by; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.claimed_by IS 'Worker id holding the claim; NULL when free.';
+
+
+--
+-- Name: COLUMN conversation.lease_expires_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.lease_expires_at IS 'The claim is the holder''s until then; a heartbeat extends it, and after it any worker may take over.';
+
+
+--
+-- Name: COLUMN conversation.fence; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.fence IS 'Incremented by every claim. Writes by a claim holder check it, so a worker that lost its claim can neither send nor complete.';
+
+
+--
+-- Name: COLUMN conversation.attempts; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.attempts IS 'Attempts of the current burst (0 when none is open).';
+
+
+--
+-- Name: COLUMN conversation.last_error; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.last_error IS 'Error of the latest failed attempt, if any.';
+
+
+--
+-- Name: COLUMN conversation.paused_until; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.paused_until IS 'A human operator wrote to the customer: the bot stays silent until then (WATIBOT_HUMAN_PAUSE_SECONDS).';
+
+
+--
+-- Name: COLUMN conversation.human_message_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.human_message_at IS 'When an operator last wrote to the customer.';
+
+
+--
+-- Name: COLUMN conversation.last_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.last_position IS 'Position of the newest message stored for the conversation. Assigned by the webhook statement that inserts the messages, under this row''s lock: positions grow in commit order (gaps possible, never reordered).';
+
+
+--
+-- Name: COLUMN conversation.answered_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.answered_position IS 'High-water mark: every message at or below it was answered by a closed burst (sent, no_reply, human, dead, attention, expired). The buffer is the messages above it.';
+
+
+--
+-- Name: COLUMN conversation.human_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.human_position IS 'last_position when an operator last wrote to the customer: messages up to it count as answered by a human.';
+
+
+--
+-- Name: COLUMN conversation.last_customer_message_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.last_customer_message_at IS 'When the customer last wrote (the earlier of WATI''s timestamp and our receipt): opens WhatsApp''s session window.';
+
+
+--
+-- Name: COLUMN conversation.open_burst_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.conversation.open_burst_id IS 'The burst being processed, sent or waiting to retry; NULL when none is open (at most one by construction).';
+
+
+--
+-- Name: held_conversation(text, text, bigint, text); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.held_conversation(p_channel text, p_customer text, p_fence bigint, p_owner text) RETURNS watibot.conversation
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM watibot.conversation
+    WHERE channel = p_channel AND customer = p_customer AND fence = p_fence AND claimed_by = p_owner
+    FOR UPDATE
+$$;
+
+
+--
+-- Name: FUNCTION held_conversation(p_channel text, p_customer text, p_fence bigint, p_owner text); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.held_conversation(p_channel text, p_customer text, p_fence bigint, p_owner text) IS 'The claim holder''s conversation row, locked; NULL when the fence no longer matches.';
+
+
+--
+-- Name: histogram_bucket(double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.histogram_bucket(seconds double precision) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT (ARRAY['0.05', '0.1', '0.25', '0.5', '1', '2.5', '5', '10', '30', '60', '120', '300', '600', '+Inf'])[
+        14 - width_bucket(-seconds, ARRAY[-600, -300, -120, -60, -30, -10, -5, -2.5, -1, -0.5, -0.25, -0.1,
+                                          -0.05]::float8[])]
+    $$;
+
+
+--
+-- Name: FUNCTION histogram_bucket(seconds double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.histogram_bucket(seconds double precision) IS 'The Prometheus histogram bucket (le label) that a duration in seconds falls in.';
+
+
+--
+-- Name: in_session_window(timestamp with time zone, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.in_session_window(p_last_customer_message_at timestamp with time zone, p_window_seconds double precision) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+    SELECT COALESCE(p_last_customer_message_at > now() - make_interval(secs => p_window_seconds), false)
+$$;
+
+
+--
+-- Name: FUNCTION in_session_window(p_last_customer_message_at timestamp with time zone, p_window_seconds double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.in_session_window(p_last_customer_message_at timestamp with time zone, p_window_seconds double precision) IS 'The session-window rule: a free-form reply may go out only within p_window_seconds of the customer''s last message (WhatsApp''s 24-hour window).';
+
+
+--
+-- Name: lock_conversations(text[], text[]); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.lock_conversations(p_channels text[], p_customers text[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM 1 FROM watibot.conversation AS c
+    JOIN unnest(p_channels, p_customers) AS k(channel, customer) ON c.channel = k.channel AND c.customer = k.customer
+    ORDER BY c.channel COLLATE "C", c.customer COLLATE "C"
+    FOR UPDATE OF c;
+END $$;
+
+
+--
+-- Name: FUNCTION lock_conversations(p_channels text[], p_customers text[]); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.lock_conversations(p_channels text[], p_customers text[]) IS 'Lock conversation rows in key byte order before a batch works on them one by one, so that batches, webhooks
+and heartbeats (which lock in the same order) never deadlock. ORDER BY is applied before the locking clause
+(PostgreSQL, SELECT "The Locking Clause"), so the locks are taken in this order whatever the plan.';
+
+
+--
+-- Name: mark_sending(text, text, bigint, text, bigint, integer, timestamp with time zone, double precision, double precision, double precision, text, text, integer, timestamp with time zone, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    c watibot.conversation%ROWTYPE;
+    closing text;
+BEGIN
+    c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                   p_owner => p_owner);
+    IF c.channel IS NULL OR c.open_burst_id IS DISTINCT FROM p_burst_id THEN
+        outcome := 'lost';
+        RETURN;
+    END IF;
+    IF clock_timestamp() > p_not_after THEN
+        outcome := 'late';
+        RETURN;
+    END IF;
+    IF p_part = 0 AND c.paused_until > now() THEN
+        closing := 'superseded';
+    ELSIF p_part = 0 AND NOT watibot.in_session_window(c.last_customer_message_at, p_session_window) THEN
+        closing := 'expired';
+    END IF;
+    UPDATE watibot.burst SET
+        status = COALESCE(closing, 'sending'),
+        sending_part = CASE WHEN closing IS NULL THEN p_part END,
+        prompt = COALESCE(p_prompt, prompt), reply = COALESCE(p_reply, reply),
+        reply_parts = COALESCE(p_reply_parts, reply_parts),
+        agent_started_at = COALESCE(p_agent_started_at, agent_started_at),
+        agent_finished_at = CASE WHEN p_reply IS NOT NULL THEN now() ELSE agent_finished_at END,
+        finished_at = CASE WHEN closing IS NOT NULL THEN now() END,
+        error = CASE closing
+            WHEN 'superseded' THEN 'an operator wrote to the customer while the agent worked: reply not sent'
+            WHEN 'expired' THEN 'not sent: the customer''s latest message is older than WhatsApp''s '
+                                || trim_scale(round((p_session_window / 3600)::numeric, 2))
+                                || '-hour session window (a template is needed)'
+            ELSE error END
+    WHERE id = p_burst_id;
+    IF closing = 'superseded' THEN
+        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                              p_due_at => c.paused_until);
+        outcome := 'paused';
+    ELSIF closing = 'expired' THEN
+        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        outcome := 'expired';
+    ELSE
+        IF c.lease_expires_at < now() + make_interval(secs => p_cover) THEN
+            UPDATE watibot.conversation SET
+                lease_expires_at = now() + make_interval(secs => p_lease),
+                due_at = now() + make_interval(secs => p_lease)
+            WHERE channel = p_channel AND customer = p_customer;
+        END IF;
+        outcome := 'send';
+    END IF;
+END $$;
+
+
+--
+-- Name: FUNCTION mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision) IS 'mark_sending: before part p_part goes to WATI. Records the agent''s reply (the first time), marks the part in
+flight and makes sure the lease covers the send (p_cover seconds). Outcomes:
+  send       marked: send it
+  late       the caller''s deadline (p_not_after) passed before this ran: nothing written (the caller has given
+             up and will not send, so a mark now would make the next holder think a send was in flight)
+  paused     part 1 only: an operator wrote meanwhile; the reply is discarded (superseded), released until
+             the pause ends
+  expired    part 1 only: the customer''s last message is outside the session window; closed, not sent
+  lost       the fence no longer matches: nothing changed';
+
+
+--
+-- Name: mark_sendings(text[], text[], bigint[], text[], bigint[], integer[], timestamp with time zone[], text[], text[], integer[], timestamp with time zone[], double precision, double precision, double precision, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.mark_sendings(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_parts integer[], p_not_afters timestamp with time zone[], p_prompts text[], p_replies text[], p_reply_parts integer[], p_agent_started_ats timestamp with time zone[], p_lease double precision, p_cover double precision, p_session_window double precision, p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(outcome text, wait_seconds double precision)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM watibot.lock_conversations(p_channels, p_customers);
+    RETURN QUERY
+    SELECT s.* FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters,
+                           p_prompts, p_replies, p_reply_parts, p_agent_started_ats)
+        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, prompt, reply, reply_parts,
+                             agent_started_at, position)
+    CROSS JOIN LATERAL watibot.mark_sending(
+        p_channel => i.channel, p_customer => i.customer, p_fence => i.fence, p_owner => i.owner,
+        p_burst_id => i.burst_id, p_part => i.part, p_not_after => i.not_after, p_lease => p_lease,
+        p_cover => p_cover, p_session_window => p_session_window, p_prompt => i.prompt, p_reply => i.reply,
+        p_reply_parts => i.reply_parts, p_agent_started_at => i.agent_started_at,
+        p_mode => p_mode, p_window => p_window, p_max => p_max) AS s
+    ORDER BY i.position;
+END $$;
+
+
+--
+-- Name: part_sent(text, text, bigint, text, bigint, integer); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.part_sent(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF (watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
+                                  p_owner => p_owner)).channel IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE watibot.burst SET sending_part = NULL, parts_sent = p_part + 1 WHERE id = p_burst_id;
+    RETURN FOUND;
+END $$;
+
+
+--
+-- Name: FUNCTION part_sent(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.part_sent(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer) IS 'part_sent: WATI accepted part p_part, and more parts follow (finish_burst records the last one).';
+
+
+--
+-- Name: release_claim(text, text, text, double precision, double precision, timestamp with time zone); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS double precision
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    c watibot.conversation%ROWTYPE;
+    first_at timestamptz;
+    last_at timestamptz;
+    next_due timestamptz;
+BEGIN
+    SELECT * INTO c FROM watibot.conversation WHERE channel = p_channel AND customer = p_customer;
+    IF c.last_position > c.answered_position OR c.open_burst_id IS NOT NULL THEN
+        SELECT m.received_at INTO first_at FROM watibot.message AS m
+        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > c.answered_position
+        ORDER BY m.position LIMIT 1;
+        SELECT m.received_at INTO last_at FROM watibot.message AS m
+        WHERE m.channel = p_channel AND m.customer = p_customer ORDER BY m.position DESC LIMIT 1;
+    END IF;
+    next_due := COALESCE(p_due_at, watibot.buffer_due(p_first => first_at, p_last => last_at, p_mode => p_mode,
+                                                      p_window => p_window, p_max => p_max));
+    UPDATE watibot.conversation SET
+        claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = next_due,
+        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now()
+    WHERE channel = p_channel AND customer = p_customer;
+    RETURN EXTRACT(EPOCH FROM next_due - now());
+END $$;
+
+
+--
+-- Name: FUNCTION release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone) IS 'Release the claim; the buffer (messages above answered_position) is due by the window rule, or p_due_at when
+given. Returns seconds until due, or NULL when nothing is buffered.';
+
+
+--
+-- Name: replay_burst(bigint, boolean); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.replay_burst(p_burst_id bigint, p_force boolean, OUT outcome text, OUT channel text, OUT customer text, OUT replayed_from text, OUT messages integer, OUT due_now boolean, OUT new_burst_id bigint) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_variable
+DECLARE
+    c watibot.conversation%ROWTYPE;
+    b watibot.burst%ROWTYPE;
+BEGIN
+    SELECT * INTO b FROM watibot.burst AS x WHERE x.id = p_burst_id;
+    IF NOT FOUND THEN
+        outcome := 'unknown';
+        RETURN;
+    END IF;
+    SELECT * INTO c FROM watibot.conversation AS x WHERE x.channel = b.channel AND x.customer = b.customer
+    FOR UPDATE;
+    SELECT * INTO b FROM watibot.burst AS x WHERE x.id = p_burst_id FOR UPDATE;
+    channel := b.channel;
+    customer := b.customer;
+    replayed_from := b.status;
+    messages := b.messages;
+    IF b.status NOT IN ('dead', 'attention') THEN
+        outcome := 'not_replayable';
+    ELSIF NOT p_force AND (b.sent_at IS NOT NULL OR b.parts_sent > 0) THEN
+        outcome := 'accepted';
+    ELSIF NOT p_force AND b.sending_part IS NOT NULL THEN
+        outcome := 'unknown_outcome';
+    ELSIF c.open_burst_id IS NOT NULL THEN
+        outcome := 'busy';
+    ELSE
+        UPDATE watibot.burst AS x SET status = 'replayed', replayed_from = b.status WHERE x.id = p_burst_id;
+        INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence, claimed_by,
+                                   status, attempts, due_at)
+        VALUES (b.channel, b.customer, b.after_position, b.through_position, b.messages, c.fence, 'replay', 'retry',
+                0, now())
+        RETURNING id INTO new_burst_id;
+        due_now := c.claimed_by IS NULL;
+        UPDATE watibot.conversation AS x SET open_burst_id = new_burst_id,
+            due_at = CASE WHEN c.claimed_by IS NULL THEN now() ELSE x.due_at END,
+            buffer_started_at = COALESCE(x.buffer_started_at, now()), updated_at = now()
+        WHERE x.channel = b.channel AND x.customer = b.customer;
+        outcome := 'replayed';
+    END IF;
+END $$;
+
+
+--
+-- Name: FUNCTION replay_burst(p_burst_id bigint, p_force boolean, OUT outcome text, OUT channel text, OUT customer text, OUT replayed_from text, OUT messages integer, OUT due_now boolean, OUT new_burst_id bigint); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.replay_burst(p_burst_id bigint, p_force boolean, OUT outcome text, OUT channel text, OUT customer text, OUT replayed_from text, OUT messages integer, OUT due_now boolean, OUT new_burst_id bigint) IS 'replay_burst: `watibot replay`: a dead or attention burst becomes replayed and a new open burst over the same
+messages is due now (a conversation that is claimed picks it up when its holder releases it).
+Refused (outcome says why): unknown, not dead/attention, another burst open, or (without p_force) a reply WATI
+may have delivered.';
+
+
+--
+-- Name: alembic_version; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.alembic_version (
+    version_num character varying(32) NOT NULL
+);
+
+
+--
+-- Name: message; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.message (
+    id bigint NOT NULL,
+    channel text NOT NULL,
+    customer text NOT NULL,
+    provider_message_id text NOT NULL,
+    wati_id text,
+    type text NOT NULL,
+    text text,
+    wati_timestamp timestamp with time zone,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    payload jsonb NOT NULL,
+    "position" bigint NOT NULL
+)
+WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05', fillfactor='100');
+
+
+--
+-- Name: TABLE message; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.message IS 'Every customer message WATI delivered, stored once.';
+
+
+--
+-- Name: COLUMN message.provider_message_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message.provider_message_id IS 'whatsappMessageId, or WATI''s id when that is missing.';
+
+
+--
+-- Name: COLUMN message.wati_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message.wati_id IS 'WATI''s own record id.';
+
+
+--
+-- Name: COLUMN message.wati_timestamp; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message.wati_timestamp IS 'WATI timestamp (when the customer sent it).';
+
+
+--
+-- Name: COLUMN message.received_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message.received_at IS 'When watibot committed it (database clock).';
+
+
+--
+-- Name: COLUMN message.payload; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message.payload IS 'The webhook body as received.';
+
+
+--
+-- Name: COLUMN message."position"; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.message."position" IS 'Order of the message in its conversation (see conversation.last_position). Written once, with the row.';
+
+
+--
+-- Name: buffering; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.buffering AS
+ SELECT channel,
+    customer,
+    wa_id,
+    ( SELECT count(*) AS count
+           FROM watibot.message m
+          WHERE ((m.channel = c.channel) AND (m.customer = c.customer) AND (m."position" > c.answered_position))) AS messages,
+        CASE
+            WHEN (attempts > 0) THEN 'retry'::text
+            ELSE 'window'::text
+        END AS waiting_for,
+    buffer_started_at AS first_message_at,
+    due_at,
+    round(EXTRACT(epoch FROM (due_at - now())), 1) AS seconds_until_due,
+    attempts,
+    last_error
+   FROM watibot.conversation c
+  WHERE ((claimed_by IS NULL) AND (due_at > now()))
+  ORDER BY due_at;
+
+
+--
+-- Name: VIEW buffering; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.buffering IS 'Conversations waiting for their buffer window to end (or for a retry), with seconds until due.';
+
+
+--
+-- Name: burst; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.burst (
+    id bigint NOT NULL,
+    channel text NOT NULL,
+    customer text NOT NULL,
+    status text DEFAULT 'processing'::text NOT NULL,
+    prompt text,
+    reply text,
+    reply_parts integer,
+    parts_sent integer DEFAULT 0 NOT NULL,
+    sending_part integer,
+    attempts integer DEFAULT 1 NOT NULL,
+    fence bigint NOT NULL,
+    claimed_by text NOT NULL,
+    error text,
+    due_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    agent_started_at timestamp with time zone,
+    agent_finished_at timestamp with time zone,
+    sent_at timestamp with time zone,
+    finished_at timestamp with time zone,
+    delivery_status text,
+    delivery_error text,
+    delivered_at timestamp with time zone,
+    read_at timestamp with time zone,
+    replayed_from text,
+    after_position bigint DEFAULT 0 NOT NULL,
+    through_position bigint DEFAULT 0 NOT NULL,
+    messages integer DEFAULT 0 NOT NULL,
+    CONSTRAINT burst_status_check CHECK ((status = ANY (ARRAY['processing'::text, 'sending'::text, 'retry'::text, 'sent'::text, 'no_reply'::text, 'dead'::text, 'attention'::text, 'replayed'::text, 'superseded'::text, 'expired'::text, 'human'::text])))
+)
+WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05');
+
+
+--
+-- Name: TABLE burst; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.burst IS 'One row per burst: the messages answered together, the prompt, the reply and how sending went.';
+
+
+--
+-- Name: COLUMN burst.status; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.status IS 'processing (agent running) | sending (reply recorded, parts going out) | retry (waiting to retry) | sent | no_reply (agent chose silence) | dead (gave up, see error) | attention (a send with unknown outcome, or a failed delivery: not re-sent, a human decides) | replayed (messages put back by watibot replay) | superseded (newer messages arrived before sending: reply discarded, messages answered by the next burst) | expired (outside WhatsApp''s 24-hour window: not sent) | human (answered by an operator)';
+
+
+--
+-- Name: COLUMN burst.prompt; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.prompt IS 'The combined text given to the agent.';
+
+
+--
+-- Name: COLUMN burst.reply_parts; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.reply_parts IS 'Number of WATI messages the reply is split into (4096 chars each).';
+
+
+--
+-- Name: COLUMN burst.parts_sent; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.parts_sent IS 'Reply parts WATI accepted; a retry resumes after them.';
+
+
+--
+-- Name: COLUMN burst.sending_part; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.sending_part IS 'Set just before a part is handed to WATI and cleared when the outcome is known. Found set by another worker, the outcome is unknown: the burst goes to attention instead of sending twice.';
+
+
+--
+-- Name: COLUMN burst.fence; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.fence IS 'Conversation fence of the attempt that last worked on this burst.';
+
+
+--
+-- Name: COLUMN burst.claimed_by; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.claimed_by IS 'Worker of the latest attempt.';
+
+
+--
+-- Name: COLUMN burst.due_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.due_at IS 'The conversation due_at that started this burst (claim lag = started_at - due_at).';
+
+
+--
+-- Name: COLUMN burst.delivery_status; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.delivery_status IS 'What WATI reported after accepting the reply: delivered | read | replied | failed.';
+
+
+--
+-- Name: COLUMN burst.delivery_error; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.delivery_error IS 'failedCode and failedDetail of a sessionMessageFailed event.';
+
+
+--
+-- Name: COLUMN burst.replayed_from; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.replayed_from IS 'Status (dead or attention) the burst had when `watibot replay` put its messages back in the buffer.';
+
+
+--
+-- Name: COLUMN burst.after_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.after_position IS 'The burst is the messages after this position ...';
+
+
+--
+-- Name: COLUMN burst.through_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.through_position IS '... up to and including this one (fixed at the claim).';
+
+
+--
+-- Name: COLUMN burst.messages; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.messages IS 'Number of messages in the burst.';
+
+
+--
+-- Name: burst_id_seq; Type: SEQUENCE; Schema: watibot; Owner: -
+--
+
+ALTER TABLE watibot.burst ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME watibot.burst_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: dead; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.dead AS
+ SELECT id AS burst_id,
+    channel,
+    customer,
+    status,
+    error AS reason,
+    attempts,
+    messages,
+    "left"(prompt, 200) AS prompt,
+    parts_sent,
+    reply_parts,
+    created_at,
+    finished_at
+   FROM watibot.burst b
+  WHERE (status = ANY (ARRAY['dead'::text, 'attention'::text]))
+  ORDER BY id;
+
+
+--
+-- Name: VIEW dead; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.dead IS 'Bursts that need a human: dead (gave up; reason says why) or attention (a send with unknown outcome). `watibot replay BURST_ID` answers their messages again.';
+
+
+--
+-- Name: finished_burst_facts; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.finished_burst_facts AS
+ SELECT id AS burst_id,
+    COALESCE(replayed_from, status) AS outcome,
+    (replayed_from IS NOT NULL) AS replayed,
+    (EXTRACT(epoch FROM (started_at - due_at)))::double precision AS claim_lag_seconds,
+    watibot.histogram_bucket((EXTRACT(epoch FROM (started_at - due_at)))::double precision) AS claim_lag_le,
+    (EXTRACT(epoch FROM (agent_finished_at - agent_started_at)))::double precision AS agent_seconds,
+    watibot.histogram_bucket((EXTRACT(epoch FROM (agent_finished_at - agent_started_at)))::double precision) AS agent_le
+   FROM watibot.burst b
+  WHERE (finished_at IS NOT NULL);
+
+
+--
+-- Name: VIEW finished_burst_facts; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.finished_burst_facts IS 'One row per finished burst: outcome (as first decided, even if replayed since) and the histogram bucket of its claim lag (started_at - due_at) and agent time. Read by /metrics and folded in by prune.';
+
+
+--
+-- Name: health; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.health AS
+ SELECT ( SELECT alembic_version.version_num
+           FROM watibot.alembic_version) AS schema_revision,
+    count(*) FILTER (WHERE ((claimed_by IS NULL) AND (due_at > now()))) AS buffering,
+    count(*) FILTER (WHERE ((claimed_by IS NULL) AND (due_at <= now()))) AS overdue,
+    COALESCE(round(EXTRACT(epoch FROM (now() - min(due_at) FILTER (WHERE ((claimed_by IS NULL) AND (due_at <= now()))))), 1), (0)::numeric) AS max_lag_seconds,
+    count(*) FILTER (WHERE ((claimed_by IS NOT NULL) AND (lease_expires_at > now()))) AS in_flight,
+    count(*) FILTER (WHERE ((claimed_by IS NOT NULL) AND (lease_expires_at <= now()))) AS leases_expired,
+    count(DISTINCT claimed_by) AS busy_workers,
+    (COALESCE(sum((last_position - answered_position)), (0)::numeric))::bigint AS buffered_messages,
+    ( SELECT count(*) AS count
+           FROM watibot.conversation
+          WHERE (conversation.paused_until > now())) AS paused,
+    ( SELECT count(*) AS count
+           FROM watibot.burst
+          WHERE (burst.status = 'dead'::text)) AS dead,
+    ( SELECT count(*) AS count
+           FROM watibot.burst
+          WHERE (burst.status = 'attention'::text)) AS attention,
+    ( SELECT count(*) AS count
+           FROM watibot.burst
+          WHERE (burst.finished_at > (now() - '01:00:00'::interval))) AS bursts_last_hour,
+    ( SELECT max(burst.finished_at) AS max
+           FROM watibot.burst
+          WHERE (burst.finished_at IS NOT NULL)) AS last_burst_finished_at
+   FROM watibot.conversation c
+  WHERE (due_at IS NOT NULL);
+
+
+--
+-- Name: VIEW health; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.health IS 'One row: buffering and overdue conversations (with the worst lag), claims in flight and with expired leases, buffered messages, conversations paused for a human operator, dead and attention bursts, throughput of the last hour.';
+
+
+--
+-- Name: in_flight; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.in_flight AS
+ SELECT c.channel,
+    c.customer,
+    c.claimed_by AS owner,
+    c.claimed_at,
+    round(EXTRACT(epoch FROM (now() - c.claimed_at)), 1) AS held_seconds,
+    round(EXTRACT(epoch FROM (c.lease_expires_at - now())), 1) AS lease_left_seconds,
+    (c.lease_expires_at <= now()) AS lease_expired,
+    c.fence,
+    b.id AS burst_id,
+    b.status AS burst_status,
+    COALESCE(b.attempts, c.attempts) AS attempts,
+    b.parts_sent,
+    b.reply_parts,
+    b.sending_part
+   FROM (watibot.conversation c
+     LEFT JOIN watibot.burst b ON ((b.id = c.open_burst_id)))
+  WHERE (c.claimed_by IS NOT NULL)
+  ORDER BY c.claimed_at;
+
+
+--
+-- Name: VIEW in_flight; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.in_flight IS 'Claimed conversations: which worker holds them, lease left (negative: expired, another worker will take over), the open burst and its attempts.';
+
+
+--
+-- Name: instance_secret; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.instance_secret (
+    name text NOT NULL,
+    value text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+
+--
+-- Name: TABLE instance_secret; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.instance_secret IS 'Secrets watibot generated for itself, e.g. the webhook passkey when WATIBOT_WEBHOOK_PASSKEY is unset.';
+
+
+--
+-- Name: message_id_seq; Type: SEQUENCE; Schema: watibot; Owner: -
+--
+
+ALTER TABLE watibot.message ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME watibot.message_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: message_outcome; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.message_outcome AS
+ SELECT m.id AS message_id,
+    m.channel,
+    m.customer,
+    m."position",
+    m.received_at,
+    m.type,
+    m.text,
+    b.id AS burst_id,
+    b.status
+   FROM (watibot.message m
+     LEFT JOIN LATERAL ( SELECT x.id,
+            x.status
+           FROM watibot.burst x
+          WHERE ((x.channel = m.channel) AND (x.customer = m.customer) AND (m."position" > x.after_position) AND (m."position" <= x.through_position) AND watibot.consumes(x.status))
+          ORDER BY x.id DESC
+         LIMIT 1) b ON (true));
+
+
+--
+-- Name: VIEW message_outcome; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.message_outcome IS 'Every stored message with the burst that answered it (sent, no_reply, human, dead, attention, expired); burst_id NULL: still buffered (above the conversation''s answered_position, or in an open burst).';
+
+
+--
+-- Name: overdue; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.overdue AS
+ SELECT channel,
+    customer,
+    wa_id,
+    ( SELECT count(*) AS count
+           FROM watibot.message m
+          WHERE ((m.channel = c.channel) AND (m.customer = c.customer) AND (m."position" > c.answered_position))) AS messages,
+    due_at,
+    round(EXTRACT(epoch FROM (now() - due_at)), 1) AS lag_seconds,
+    attempts,
+    last_error
+   FROM watibot.conversation c
+  WHERE ((claimed_by IS NULL) AND (due_at <= now()))
+  ORDER BY due_at;
+
+
+--
+-- Name: VIEW overdue; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.overdue IS 'Conversations that are due but not claimed, most overdue first. A lag of more than a few poll intervals means no sweeper is claiming (workers down, or all busy at WATIBOT_CONCURRENCY).';
+
+
+--
+-- Name: pruned_burst_totals; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.pruned_burst_totals (
+    series text NOT NULL,
+    label text NOT NULL,
+    count bigint NOT NULL,
+    sum double precision DEFAULT 0 NOT NULL
+);
+
+
+--
+-- Name: TABLE pruned_burst_totals; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.pruned_burst_totals IS 'Totals of the bursts deleted by `watibot prune`, by series (outcome, claim_lag, agent_seconds) and label (outcome or histogram bucket), so that /metrics counters computed from the database never go backwards.';
+
+
+--
+-- Name: recent_bursts; Type: VIEW; Schema: watibot; Owner: -
+--
+
+CREATE VIEW watibot.recent_bursts AS
+ SELECT id AS burst_id,
+    channel,
+    customer,
+    status,
+    attempts,
+    messages,
+    "left"(prompt, 80) AS prompt,
+    "left"(reply, 80) AS reply,
+    error,
+    round(EXTRACT(epoch FROM (started_at - due_at)), 3) AS claim_lag_seconds,
+    round(EXTRACT(epoch FROM (agent_finished_at - agent_started_at)), 3) AS agent_seconds,
+    round(EXTRACT(epoch FROM (sent_at - agent_finished_at)), 3) AS send_seconds,
+    round(EXTRACT(epoch FROM (finished_at - created_at)), 3) AS total_seconds,
+    claimed_by AS worker,
+    created_at,
+    finished_at
+   FROM watibot.burst b
+  WHERE (created_at > (now() - '24:00:00'::interval))
+  ORDER BY id DESC;
+
+
+--
+-- Name: VIEW recent_bursts; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON VIEW watibot.recent_bursts IS 'Bursts of the last 24 hours, newest first: prompt and reply (first 80 characters), outcome and timings (claim lag = start - due, agent, send, total).';
+
+
+--
+-- Name: schema_compatibility; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.schema_compatibility (
+    revision text NOT NULL,
+    "position" integer NOT NULL,
+    oldest_code_revision text NOT NULL
+);
+
+
+--
+-- Name: TABLE schema_compatibility; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.schema_compatibility IS 'One row per schema revision: the oldest code revision that still works on it (expand/contract upgrades).';
+
+
+--
+-- Name: COLUMN schema_compatibility.revision; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.schema_compatibility.revision IS 'An alembic revision of this schema.';
+
+
+--
+-- Name: COLUMN schema_compatibility."position"; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.schema_compatibility."position" IS 'Order of the revision in the migration history.';
+
+
+--
+-- Name: COLUMN schema_compatibility.oldest_code_revision; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.schema_compatibility.oldest_code_revision IS 'Code at this revision or later (up to revision) may run on a schema at revision.';
+
+
+--
+-- Name: alembic_version alembic_version_pkc; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.alembic_version
+    ADD CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num);
+
+
+--
+-- Name: burst burst_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.burst
+    ADD CONSTRAINT burst_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: conversation conversation_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.conversation
+    ADD CONSTRAINT conversation_pkey PRIMARY KEY (channel, customer);
+
+
+--
+-- Name: instance_secret instance_secret_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.instance_secret
+    ADD CONSTRAINT instance_secret_pkey PRIMARY KEY (name);
+
+
+--
+-- Name: message message_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.message
+    ADD CONSTRAINT message_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: message message_provider_message_id_key; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.message
+    ADD CONSTRAINT message_provider_message_id_key UNIQUE (provider_message_id);
+
+
+--
+-- Name: pruned_burst_totals pruned_burst_totals_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.pruned_burst_totals
+    ADD CONSTRAINT pruned_burst_totals_pkey PRIMARY KEY (series, label);
+
+
+--
+-- Name: schema_compatibility schema_compatibility_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.schema_compatibility
+    ADD CONSTRAINT schema_compatibility_pkey PRIMARY KEY (revision);
+
+
+--
+-- Name: schema_compatibility schema_compatibility_position_key; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.schema_compatibility
+    ADD CONSTRAINT schema_compatibility_position_key UNIQUE ("position");
+
+
+--
+-- Name: burst_conversation_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE INDEX burst_conversation_idx ON watibot.burst USING btree (channel, customer, id);
+
+
+--
+-- Name: burst_finished_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE INDEX burst_finished_idx ON watibot.burst USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+
+
+--
+-- Name: burst_problem_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE INDEX burst_problem_idx ON watibot.burst USING btree (id) WHERE (status = ANY (ARRAY['dead'::text, 'attention'::text]));
+
+
+--
+-- Name: conversation_due_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE INDEX conversation_due_idx ON watibot.conversation USING btree (due_at) WHERE (due_at IS NOT NULL);
+
+
+--
+-- Name: message_position_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE UNIQUE INDEX message_position_idx ON watibot.message USING btree (channel, customer, "position");
+
+
+--
+-- Name: burst burst_channel_customer_fkey; Type: FK CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.burst
+    ADD CONSTRAINT burst_channel_customer_fkey FOREIGN KEY (channel, customer) REFERENCES watibot.conversation(channel, customer);
+
+
+--
+-- Name: message message_channel_customer_fkey; Type: FK CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.message
+    ADD CONSTRAINT message_channel_customer_fkey FOREIGN KEY (channel, customer) REFERENCES watibot.conversation(channel, customer);
+
+
+--
+-- Name: schema_compatibility schema_compatibility_oldest_code_revision_fkey; Type: FK CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.schema_compatibility
+    ADD CONSTRAINT schema_compatibility_oldest_code_revision_fkey FOREIGN KEY (oldest_code_revision) REFERENCES watibot.schema_compatibility(revision) DEFERRABLE INITIALLY DEFERRED;
+
+
+--
+-- PostgreSQL database dump complete
+--
