@@ -150,8 +150,10 @@ def kill_the_busiest_worker(serve: Any, sql: Sql, wati: FakeWati, agent: Any, pr
     recovery = time.monotonic() - killed_at
     wait_drained(sql)
     counts = check_invariant(sql, wati, acknowledged)
-    taken_over = sql("SELECT count(*) FROM watibot.burst WHERE attempts = 2 AND status = 'sent'")[0][0]
-    assert taken_over == len(held[victim])
+    # Every burst the victim held was taken over; on a stalled machine a survivor may lose a lease too (and its
+    # burst be taken over once more), which the invariant above already shows did no harm.
+    taken_over = sql("SELECT count(*) FROM watibot.burst WHERE attempts >= 2 AND status = 'sent'")[0][0]
+    assert taken_over >= len(held[victim])
     return KillReport(len(held[victim]), recovery, counts)
 
 

@@ -17,7 +17,7 @@ def test_two_messages_a_second_apart_get_one_reply_with_both(
     run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati
 ) -> None:
     """The old system's own check: two messages from one customer inside the window → one reply with both."""
-    app = run_app(app_settings(database_url, fake_wati, buffer_seconds=1.5))
+    app = run_app(app_settings(database_url, fake_wati, buffer_seconds=4.0))  # room for a stalled machine
     assert app.post(customer_message("50376819621", "hi")).json() == {"status": "buffered"}
     time.sleep(0.5)  # the customer typing, not synchronisation
     assert app.post(customer_message("50376819621", "I want to book")).json() == {"status": "buffered"}
@@ -48,14 +48,15 @@ def test_http_agent_gets_every_message_of_the_burst_in_order(
     run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, fake_agent: FakeAgent
 ) -> None:
     """The HTTP agent receives the documented JSON with the burst's messages in WATI timestamp order."""
-    app = run_app(app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url,
-                               buffer_seconds=0.8))
+    # Posted to a worker without a sweeper, answered by one started afterwards: one burst, whatever the timing.
+    app = run_app(app_settings(database_url, fake_wati, sweeper=False))
     now = int(time.time())
     # Delivered out of order: the later-typed message arrives first.
     app.post(customer_message("50376819621", "second", timestamp=str(now + 1), message_id="wamid.B"))
     app.post(customer_message("50376819621", "first", timestamp=str(now), message_id="wamid.A"))
     app.post(customer_message("50376819621", "caption", message_id="wamid.C", type="image",
                               data="data/images/x.jpg", timestamp=str(now + 2)))
+    run_app(app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url))
     (sent,) = fake_wati.wait_for_sent(1)
     (request,) = fake_agent.requests
     body = request["json"]
@@ -179,9 +180,11 @@ def test_slow_agent_keeps_its_lease_by_heartbeat(
     run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, fake_agent: FakeAgent, sql: Sql
 ) -> None:
     """An agent slower than the lease: the heartbeat extends it, no takeover happens, one reply goes out."""
-    fake_agent.script = [Answer(body={"reply": "slow answer"}, delay=3.5)]
-    settings = app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url, lease_seconds=1.5,
-                            wati_timeout_seconds=1.0, agent_timeout_seconds=10)
+    # An agent at 2x the lease; a 6 s lease beats every 2 s (lease / 3), so a 1-2 s stall of this loaded
+    # interpreter (two apps and the fakes) cannot cost it the lease.
+    fake_agent.script = [Answer(body={"reply": "slow answer"}, delay=12.0)]
+    settings = app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url, lease_seconds=6.0,
+                            wati_timeout_seconds=2.0, agent_timeout_seconds=20)
     run_app(settings)
     second = run_app(settings)  # a second worker that would take over an expired lease
     second.post(customer_message("50376819621", "hello"))

@@ -57,8 +57,7 @@ def test_pruning_during_continuous_load_keeps_tables_bounded_and_counts_everythi
         loader.join(timeout=30)
 
     posted = len(statuses)
-    assert statuses == [200] * posted
-    assert max(latencies) < 2.0, "a prune never holds up a webhook for long"
+    assert statuses == [200] * posted  # a webhook held up past WATIBOT_DB_TIMEOUT_SECONDS would have been a 503
     assert len(message_rows) >= 3, "several prunes ran during the load"
     assert pruned_messages > posted / 3, "pruning kept up with the load"
     assert max(message_rows[1:]) < posted * 0.6, f"message table stayed bounded: {message_rows} of {posted}"
