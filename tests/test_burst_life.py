@@ -231,3 +231,35 @@ def test_webhooks_and_leases_keep_their_connections_while_bursts_hold_the_rest(
         assert sql("SELECT count(*) FROM watibot.message") == [(1,)]
     finally:
         asyncio.run_coroutine_threadsafe(give_back(), loop).result(timeout=10)
+
+
+def test_a_replayed_burst_is_never_superseded_and_its_messages_are_answered(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, fake_agent: FakeAgent, sql: Sql
+) -> None:
+    """With supersede on, a customer who writes while a replayed burst's agent works does not discard the
+    replay: it lies behind the high-water mark, where no later burst would answer its messages."""
+    fake_agent.default = lambda request: Answer(body=echo_reply)
+    fake_wati.script = [Answer(status=401)]
+    app = run_app(app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url, supersede=True))
+    app.post(customer_message("50376819621", "first"))
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("dead",)])
+    app.post(customer_message("50376819621", "second"))
+    fake_wati.wait_for_sent(1)
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'sent'") == [(1,)])
+    (dead,) = sql("SELECT id FROM watibot.burst WHERE status = 'dead'")[0]
+    release = threading.Event()
+    fake_agent.script = [Answer(body=echo_reply, hang_until=release)]
+
+    async def replay(stores: Stores) -> Any:
+        return await stores.operators.replay(dead)
+
+    run(database_url, replay)
+    fake_agent.wait_for(lambda arrivals: len(arrivals) == 3, arrived=True)
+    app.post(customer_message("50376819621", "third"))
+    release.set()
+    fake_wati.wait_for_sent(3)
+    assert sorted(sent["text"] for sent in fake_wati.sent) == [
+        "Received:\n1. first", "Received:\n1. second", "Received:\n1. third"]
+    wait_until(lambda: sql("SELECT text, status FROM watibot.message_outcome ORDER BY position") == [
+        ("first", "sent"), ("second", "sent"), ("third", "sent")])
+    assert sql("SELECT count(*) FROM watibot.burst WHERE status = 'superseded'") == [(0,)]

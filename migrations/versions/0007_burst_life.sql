@@ -252,14 +252,19 @@ BEGIN
         SELECT * INTO b FROM watibot.burst WHERE id = c.open_burst_id;
     END IF;
 
+    -- (A replayed burst lies behind the high-water mark: the operator's answer covers newer messages, not it.)
     IF p_skip_human AND c.human_position > c.answered_position THEN
-        IF b.id IS NOT NULL AND c.human_position >= b.through_position THEN
+        IF b.id IS NOT NULL AND b.after_position >= c.answered_position AND c.human_position >= b.through_position
+        THEN
             UPDATE watibot.burst SET status = 'human', error = 'answered by a human operator', finished_at = now(),
-                through_position = c.human_position
+                through_position = c.human_position,
+                messages = (SELECT count(*) FROM watibot.message AS m
+                            WHERE m.channel = p_channel AND m.customer = p_customer
+                              AND m.position > b.after_position AND m.position <= c.human_position)
             WHERE id = b.id;
             PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
             b := NULL;
-        ELSIF b.id IS NULL THEN
+        ELSIF b.id IS NULL OR b.after_position < c.answered_position THEN
             INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence,
                                        claimed_by, status, error, finished_at)
             SELECT p_channel, p_customer, c.answered_position, c.human_position, count(*), p_fence, p_owner,
@@ -315,6 +320,15 @@ BEGIN
         RETURN;
     END IF;
     messages := watibot.burst_messages(p_channel, p_customer, c.answered_position, p_through);
+    IF jsonb_array_length(messages) = 0 THEN
+        -- Only gaps (positions a lost duplicate race used up): nothing to answer, and nothing can land there.
+        UPDATE watibot.conversation SET answered_position = p_through
+        WHERE channel = p_channel AND customer = p_customer;
+        outcome := 'empty';
+        messages := NULL;
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        RETURN;
+    END IF;
     INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence, claimed_by,
                                due_at)
     VALUES (p_channel, p_customer, c.answered_position, p_through, jsonb_array_length(messages), p_fence, p_owner,
@@ -358,6 +372,18 @@ BEGIN
         RETURN;
     END IF;
     IF p_part = 0 AND c.paused_until > now() THEN
+        IF (SELECT x.after_position < c.answered_position FROM watibot.burst AS x WHERE x.id = p_burst_id) THEN
+            -- A replayed burst (behind the high-water mark): nothing else would answer its messages, so it stays
+            -- open for after the pause; this attempt does not count.
+            UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1,
+                error = 'an operator wrote to the customer while the agent worked: reply not sent, retried after '
+                        || 'the pause'
+            WHERE id = p_burst_id;
+            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                                  p_due_at => c.paused_until);
+            outcome := 'paused';
+            RETURN;
+        END IF;
         closing := 'superseded';
     ELSIF p_part = 0 AND NOT watibot.in_session_window(c.last_customer_message_at, p_session_window) THEN
         closing := 'expired';
@@ -412,7 +438,7 @@ CREATE FUNCTION watibot.part_sent(p_channel text, p_customer text, p_fence bigin
 LANGUAGE plpgsql AS $$
 BEGIN
     IF (watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
-                                  p_owner => p_owner)).channel IS NULL THEN
+                                  p_owner => p_owner)).open_burst_id IS DISTINCT FROM p_burst_id THEN
         RETURN false;
     END IF;
     UPDATE watibot.burst SET sending_part = NULL, parts_sent = p_part + 1 WHERE id = p_burst_id;
@@ -433,7 +459,7 @@ DECLARE
 BEGIN
     c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
                                    p_owner => p_owner);
-    IF c.channel IS NULL THEN
+    IF c.channel IS NULL OR c.open_burst_id IS DISTINCT FROM p_burst_id THEN
         held := false;
         RETURN;
     END IF;
@@ -475,7 +501,7 @@ DECLARE
     b watibot.burst%ROWTYPE;
 BEGIN
     IF (watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
-                                  p_owner => p_owner)).channel IS NULL THEN
+                                  p_owner => p_owner)).open_burst_id IS DISTINCT FROM p_burst_id THEN
         outcome := 'lost';
         RETURN;
     END IF;
@@ -544,6 +570,10 @@ BEGIN
     SELECT * INTO c FROM watibot.conversation AS x WHERE x.channel = b.channel AND x.customer = b.customer
     FOR UPDATE;
     SELECT * INTO b FROM watibot.burst AS x WHERE x.id = p_burst_id FOR UPDATE;
+    IF NOT FOUND THEN  -- pruned meanwhile
+        outcome := 'unknown';
+        RETURN;
+    END IF;
     channel := b.channel;
     customer := b.customer;
     replayed_from := b.status;

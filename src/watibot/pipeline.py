@@ -241,7 +241,9 @@ class Pipeline:
     ) -> None:
         delay = self.backoff(burst.attempts, error.retry_after)
         try:
-            outcome = await self.bursts.fail(claim, burst, str(error), permanent=error.permanent, retry_in=delay)
+            # persisted like a part's outcome: a rejected send left its mark, which only this worker can clear
+            outcome = await self._persist(functools.partial(
+                self.bursts.fail, claim, burst, str(error), permanent=error.permanent, retry_in=delay))
         except (LeaseLost, DatabaseError) as db_error:
             log.warning("could not record the failure (%s): %s", error, db_error, extra=context)
             return

@@ -55,11 +55,15 @@ SELECT watibot.hand_back(p_channel => $1, p_customer => $2, p_fence => $3, p_own
 """
 
 # Supersede (discard an unsent reply because the customer wrote more) only while the buffer is younger than the
-# window's maximum: a customer who keeps typing is still answered, at most WATIBOT_BUFFER_MAX_SECONDS late.
+# window's maximum: a customer who keeps typing is still answered, at most WATIBOT_BUFFER_MAX_SECONDS late. Never
+# a replayed burst (behind the high-water mark): the next burst would not include its messages.
 SHOULD_SUPERSEDE = """
-SELECT c.last_position > $3
+SELECT EXISTS (SELECT 1 FROM watibot.message AS m
+               WHERE m.channel = c.channel AND m.customer = c.customer AND m.position > $3)
        AND (c.buffer_started_at IS NULL OR c.buffer_started_at > now() - make_interval(secs => $4))
+       AND b.after_position >= c.answered_position
 FROM watibot.conversation AS c
+JOIN watibot.burst AS b ON b.id = c.open_burst_id
 WHERE c.channel = $1 AND c.customer = $2
 """
 

@@ -119,7 +119,8 @@ UPDATE watibot.burst AS b SET
     delivery_error = COALESCE($3, b.delivery_error),
     status = CASE WHEN $2 = 'failed' AND b.status = 'sent' THEN 'attention' ELSE b.status END,
     error = CASE WHEN $2 = 'failed' AND b.status = 'sent'
-                 THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || $3 ELSE b.error END
+                 THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE($3, '-')
+                 ELSE b.error END
 FROM watibot.conversation AS c
 WHERE b.id = $1
   -- only the burst of the customer (and channel) the report names: anyone can post a localMessageId
