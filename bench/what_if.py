@@ -21,10 +21,10 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """Nothing to reset: watibot sets no session state."""
 
 
-async def create_pool_without_reset(settings: Settings, url: str) -> asyncpg.Pool:
+async def create_pool_without_reset(settings: Settings, url: str, size: int | None = None) -> asyncpg.Pool:
     """`watibot.db.create_pool`, the same settings, plus `reset=` a no-op."""
     pool = asyncpg.create_pool(
-        url, min_size=0, max_size=settings.db_pool_size, timeout=settings.db_timeout_seconds,
+        url, min_size=0, max_size=size or settings.db_pool_size, timeout=settings.db_timeout_seconds,
         command_timeout=settings.db_timeout_seconds, init=db._init_connection,
         server_settings={"application_name": "watibot"}, reset=_keep_session,
     )

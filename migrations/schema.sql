@@ -302,15 +302,18 @@ COMMENT ON FUNCTION watibot.burst_fact_totals(p_burst_ids bigint[]) IS 'Counts a
 --
 
 CREATE FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint) RETURNS jsonb
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT COALESCE(jsonb_agg(jsonb_build_object(
-               'id', m.id, 'provider_message_id', m.provider_message_id, 'type', m.type, 'text', m.text,
-               'wati_timestamp', m.wati_timestamp, 'received_at', m.received_at, 'data', m.payload -> 'data')
-               ORDER BY m.wati_timestamp NULLS LAST, m.position), '[]'::jsonb)
-    FROM watibot.message AS m
-    WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > p_after AND m.position <= p_through
-$$;
+BEGIN
+    RETURN (
+        SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                   'id', m.id, 'provider_message_id', m.provider_message_id, 'type', m.type, 'text', m.text,
+                   'wati_timestamp', m.wati_timestamp, 'received_at', m.received_at, 'data', m.payload -> 'data')
+                   ORDER BY m.wati_timestamp NULLS LAST, m.position), '[]'::jsonb)
+        FROM watibot.message AS m
+        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > p_after
+          AND m.position <= p_through);
+END $$;
 
 
 --
@@ -325,14 +328,15 @@ COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_af
 --
 
 CREATE FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
+BEGIN
     UPDATE watibot.conversation AS c SET
         answered_position = GREATEST(c.answered_position,
                                      (SELECT b.through_position FROM watibot.burst AS b WHERE b.id = p_burst_id)),
         open_burst_id = NULL
-    WHERE c.channel = p_channel AND c.customer = p_customer
-$$;
+    WHERE c.channel = p_channel AND c.customer = p_customer;
+END $$;
 
 
 --
@@ -679,12 +683,16 @@ COMMENT ON COLUMN watibot.conversation.open_burst_id IS 'The burst being process
 --
 
 CREATE FUNCTION watibot.held_conversation(p_channel text, p_customer text, p_fence bigint, p_owner text) RETURNS watibot.conversation
-    LANGUAGE sql
-    AS $$
-    SELECT * FROM watibot.conversation
+    LANGUAGE plpgsql
+    AS $$  -- plpgsql, not sql: its plan is cached per connection
+DECLARE
+    c watibot.conversation%ROWTYPE;
+BEGIN
+    SELECT * INTO c FROM watibot.conversation
     WHERE channel = p_channel AND customer = p_customer AND fence = p_fence AND claimed_by = p_owner
-    FOR UPDATE
-$$;
+    FOR UPDATE;
+    RETURN c;  -- all NULL when not held
+END $$;
 
 
 --

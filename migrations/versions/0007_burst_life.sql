@@ -148,11 +148,15 @@ COMMENT ON FUNCTION watibot.consumes(text) IS
 
 CREATE FUNCTION watibot.held_conversation(p_channel text, p_customer text, p_fence bigint, p_owner text)
 RETURNS watibot.conversation
-LANGUAGE sql AS $$
-    SELECT * FROM watibot.conversation
+LANGUAGE plpgsql AS $$  -- plpgsql, not sql: its plan is cached per connection
+DECLARE
+    c watibot.conversation%ROWTYPE;
+BEGIN
+    SELECT * INTO c FROM watibot.conversation
     WHERE channel = p_channel AND customer = p_customer AND fence = p_fence AND claimed_by = p_owner
-    FOR UPDATE
-$$;
+    FOR UPDATE;
+    RETURN c;  -- all NULL when not held
+END $$;
 COMMENT ON FUNCTION watibot.held_conversation IS
     'The claim holder''s conversation row, locked; NULL when the fence no longer matches.';
 
@@ -171,14 +175,17 @@ and heartbeats (which lock in the same order) never deadlock. ORDER BY is applie
 
 CREATE FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint)
 RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT COALESCE(jsonb_agg(jsonb_build_object(
-               'id', m.id, 'provider_message_id', m.provider_message_id, 'type', m.type, 'text', m.text,
-               'wati_timestamp', m.wati_timestamp, 'received_at', m.received_at, 'data', m.payload -> 'data')
-               ORDER BY m.wati_timestamp NULLS LAST, m.position), '[]'::jsonb)
-    FROM watibot.message AS m
-    WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > p_after AND m.position <= p_through
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
+        SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                   'id', m.id, 'provider_message_id', m.provider_message_id, 'type', m.type, 'text', m.text,
+                   'wati_timestamp', m.wati_timestamp, 'received_at', m.received_at, 'data', m.payload -> 'data')
+                   ORDER BY m.wati_timestamp NULLS LAST, m.position), '[]'::jsonb)
+        FROM watibot.message AS m
+        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > p_after
+          AND m.position <= p_through);
+END $$;
 COMMENT ON FUNCTION watibot.burst_messages IS
     'The messages after p_after up to p_through, in prompt order (WATI''s timestamp, then arrival).';
 
@@ -212,13 +219,14 @@ COMMENT ON FUNCTION watibot.release_claim IS
 given. Returns seconds until due, or NULL when nothing is buffered.';
 
 CREATE FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
     UPDATE watibot.conversation AS c SET
         answered_position = GREATEST(c.answered_position,
                                      (SELECT b.through_position FROM watibot.burst AS b WHERE b.id = p_burst_id)),
         open_burst_id = NULL
-    WHERE c.channel = p_channel AND c.customer = p_customer
-$$;
+    WHERE c.channel = p_channel AND c.customer = p_customer;
+END $$;
 COMMENT ON FUNCTION watibot.consume_open_burst IS
     'Close the open burst as a consuming status: the high-water mark passes its messages, nothing is open.';
 
