@@ -27,6 +27,11 @@
 --           finds its attempts used ──> dead; the operator answered ──> human; nothing buffered ──> empty
 --   dead | attention ──(watibot replay)──> replayed, and a new open burst over the same messages
 --
+-- A replay's burst lies behind the high-water mark, where no later burst would answer its messages: it is never
+-- superseded, an operator's pause keeps it open (retry, the attempt not counted), and an operator's answer to
+-- newer messages closes those as a separate `human` burst. Supersede stops once the buffer is older than
+-- WATIBOT_BUFFER_MAX_SECONDS, so a customer who keeps typing is still answered.
+--
 -- Statuses: open = processing, sending, retry (conversation.open_burst_id points at it); consuming = sent,
 -- no_reply, human, dead, attention, expired (closing one moves answered_position to its through_position);
 -- superseded and replayed consume nothing. Every transition below takes the conversation row lock and checks the

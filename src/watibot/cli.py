@@ -376,12 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead.set_defaults(handler=cmd_dead)
 
     replay = commands.add_parser(
-        "replay", help="put a dead or attention burst's messages back in the buffer",
-        description="Put the messages of a dead or attention burst back in its conversation's buffer and make "
-        "the conversation due now (if a worker holds it, its completion schedules them). The burst becomes "
-        "'replayed'. A burst whose reply WATI accepted, or whose send outcome is unknown, may already have reached "
-        "the customer: it is refused without --force. Exit 1 (nothing changed) for a burst that does not exist, "
-        "is not dead/attention, or needs --force.")
+        "replay", help="answer a dead or attention burst's messages again, in a new burst",
+        description="Answer the messages of a dead or attention burst again: the burst becomes 'replayed' and a "
+        "new burst over the same messages is due now (if a worker holds the conversation, it runs the new burst "
+        "when it releases it). A burst whose reply WATI accepted, or whose send outcome is unknown, may already "
+        "have reached the customer: it is refused without --force. Exit 1 (nothing changed) for a burst that does "
+        "not exist, is not dead/attention, belongs to a conversation with a burst in progress, or needs --force.")
     replay.add_argument("burst_id", metavar="BURST_ID", type=_whole(BIGINT_MAX),
                         help="the burst id (watibot dead lists them)")
     replay.add_argument("--force", action="store_true",
