@@ -105,3 +105,15 @@ def test_a_hostile_bsuid_cannot_change_the_wati_request_path_or_query(
         assert set(request["query"]) == {"messageText", "localMessageId"}
         assert "INJECTED" not in request["query"]["messageText"]
         assert request["query"]["localMessageId"].isdigit()
+
+
+def test_api_documentation_can_be_turned_off_for_a_public_host(
+    run_app: Callable[..., Any], database_url: str, fake_wati: FakeWati,
+) -> None:
+    """WATIBOT_API_DOCS=false: /docs, /redoc and /openapi.json answer 404 while the webhook still works."""
+    from tests.conftest import app_settings, customer_message
+
+    app = run_app(app_settings(database_url, fake_wati, api_docs=False))
+    assert [app.client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
+    assert app.post(customer_message("50376819621", "hello")).status_code == 200
+    assert app.client.get("/healthz").status_code == 200

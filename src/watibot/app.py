@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         active = settings or load_settings()
         configure_logging(active.log_level, active.log_format)
+        if not active.api_docs:
+            _drop_documentation(app)
         url = db.resolve_database_url(active)
         await db.wait_for_database(url, active.db_startup_timeout_seconds)
         pool = await db.create_pool(active, url, size=active.db_pool_size - db.RESERVED_CONNECTIONS)
@@ -92,6 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/readyz", readyz, methods=["GET"],
                       responses={503: {"description": "Not ready; the body says why"}})
     return app
+
+
+def _drop_documentation(app: FastAPI) -> None:
+    """Remove the documentation routes (WATIBOT_API_DOCS=false): they answer 404 like any unknown path."""
+    paths = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in paths]
+    app.openapi_url = app.docs_url = app.redoc_url = None
 
 
 async def healthz(request: Request) -> JSONResponse:

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         description="Prepared statements cached per connection; 0 behind PgBouncer in transaction pooling mode.",
     )
     sweeper: bool = Field(default=True, description="Run the sweeper loop in this process.")
+    api_docs: bool = Field(
+        default=True,
+        description="Serve the API documentation (/docs, /redoc, /openapi.json); false on a public host.",
+    )
     host_name: str | None = Field(
         default=None, min_length=1, max_length=100, pattern=r"^[^\s:]+$",
         description="This host's name in worker ids (host:pid:random, as in claimed_by). Unset: the hostname.",
