@@ -134,7 +134,8 @@ BEGIN
                             WHERE m.channel = p_channel AND m.customer = p_customer
                               AND m.position > b.after_position AND m.position <= c.human_position)
             WHERE id = b.id;
-            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
+            UPDATE watibot.conversation SET answered_position = c.human_position, open_burst_id = NULL
+            WHERE channel = p_channel AND customer = p_customer;
             b := NULL;
         ELSIF b.id IS NULL OR b.after_position < c.answered_position THEN
             INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence,
@@ -159,8 +160,8 @@ BEGIN
                          || 'lost the claim: outcome unknown, not re-sent'
                     ELSE 'gave up after ' || b.attempts || ' attempts; last error: ' || COALESCE(b.error, '-') END
             WHERE id = b.id;
-            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
-            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                                  p_closed_burst => b.id);
             RETURN;
         END IF;
         -- Nothing was said yet: the retry answers the whole buffer up to the claim, newer messages included
@@ -329,29 +330,6 @@ COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_af
 
 
 --
--- Name: consume_open_burst(text, text, bigint); Type: FUNCTION; Schema: watibot; Owner: -
---
-
-CREATE FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    UPDATE watibot.conversation AS c SET
-        answered_position = GREATEST(c.answered_position,
-                                     (SELECT b.through_position FROM watibot.burst AS b WHERE b.id = p_burst_id)),
-        open_burst_id = NULL
-    WHERE c.channel = p_channel AND c.customer = p_customer;
-END $$;
-
-
---
--- Name: FUNCTION consume_open_burst(p_channel text, p_customer text, p_burst_id bigint); Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) IS 'Close the open burst as a consuming status: the high-water mark passes its messages, nothing is open.';
-
-
---
 -- Name: consumes(text); Type: FUNCTION; Schema: watibot; Owner: -
 --
 
@@ -391,8 +369,8 @@ BEGIN
         UPDATE watibot.burst SET status = 'dead', sending_part = NULL, finished_at = now(),
             error = CASE WHEN p_permanent THEN p_error ELSE 'gave up after ' || b.attempts || ' attempts: ' || p_error END
         WHERE id = p_burst_id;
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                              p_closed_burst => p_burst_id);
         outcome := 'dead';
         RETURN;
     END IF;
@@ -446,13 +424,9 @@ BEGIN
         agent_finished_at = COALESCE(b.agent_finished_at, CASE WHEN p_agent_started_at IS NOT NULL THEN now() END)
     WHERE b.id = p_burst_id
     RETURNING b.status INTO status;
-    IF watibot.consumes(p_status) THEN
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-    ELSE
-        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
-    END IF;
     held := true;
-    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                          p_closed_burst => p_burst_id);
 END $$;
 
 
@@ -822,15 +796,11 @@ BEGIN
                                 || '-hour session window (a template is needed)'
             ELSE error END
     WHERE id = p_burst_id;
-    IF closing = 'superseded' THEN
-        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
-                                              p_due_at => c.paused_until);
-        outcome := 'paused';
-    ELSIF closing = 'expired' THEN
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
-        outcome := 'expired';
+    IF closing IS NOT NULL THEN  -- superseded: due when the pause ends; expired: its messages answered
+        wait_seconds := watibot.release_claim(
+            p_channel, p_customer, p_mode, p_window, p_max,
+            p_due_at => CASE WHEN closing = 'superseded' THEN c.paused_until END, p_closed_burst => p_burst_id);
+        outcome := CASE WHEN closing = 'superseded' THEN 'paused' ELSE 'expired' END;
     ELSE
         IF c.lease_expires_at < now() + make_interval(secs => p_cover) THEN
             UPDATE watibot.conversation SET
@@ -907,22 +877,30 @@ COMMENT ON FUNCTION watibot.part_sent(p_channel text, p_customer text, p_fence b
 
 
 --
--- Name: release_claim(text, text, text, double precision, double precision, timestamp with time zone); Type: FUNCTION; Schema: watibot; Owner: -
+-- Name: release_claim(text, text, text, double precision, double precision, timestamp with time zone, bigint); Type: FUNCTION; Schema: watibot; Owner: -
 --
 
-CREATE FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS double precision
+CREATE FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_closed_burst bigint DEFAULT NULL::bigint) RETURNS double precision
     LANGUAGE plpgsql
     AS $$
 DECLARE
     c watibot.conversation%ROWTYPE;
+    answered bigint;
     first_at timestamptz;
     last_at timestamptz;
     next_due timestamptz;
 BEGIN
     SELECT * INTO c FROM watibot.conversation WHERE channel = p_channel AND customer = p_customer;
-    IF c.last_position > c.answered_position OR c.open_burst_id IS NOT NULL THEN
+    answered := c.answered_position;
+    IF p_closed_burst IS NOT NULL THEN
+        -- The open burst was just closed: a consuming status moves the high-water mark past its messages.
+        SELECT GREATEST(answered, b.through_position) INTO answered FROM watibot.burst AS b
+        WHERE b.id = p_closed_burst AND watibot.consumes(b.status);
+        answered := COALESCE(answered, c.answered_position);
+    END IF;
+    IF c.last_position > answered OR (c.open_burst_id IS NOT NULL AND p_closed_burst IS NULL) THEN
         SELECT m.received_at INTO first_at FROM watibot.message AS m
-        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > c.answered_position
+        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > answered
         ORDER BY m.position LIMIT 1;
         SELECT m.received_at INTO last_at FROM watibot.message AS m
         WHERE m.channel = p_channel AND m.customer = p_customer ORDER BY m.position DESC LIMIT 1;
@@ -931,18 +909,19 @@ BEGIN
                                                       p_window => p_window, p_max => p_max));
     UPDATE watibot.conversation SET
         claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = next_due,
-        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now()
+        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now(),
+        answered_position = answered,
+        open_burst_id = CASE WHEN p_closed_burst IS NULL THEN open_burst_id END
     WHERE channel = p_channel AND customer = p_customer;
     RETURN EXTRACT(EPOCH FROM next_due - now());
 END $$;
 
 
 --
--- Name: FUNCTION release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone); Type: COMMENT; Schema: watibot; Owner: -
+-- Name: FUNCTION release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone, p_closed_burst bigint); Type: COMMENT; Schema: watibot; Owner: -
 --
 
-COMMENT ON FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone) IS 'Release the claim; the buffer (messages above answered_position) is due by the window rule, or p_due_at when
-given. Returns seconds until due, or NULL when nothing is buffered.';
+COMMENT ON FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone, p_closed_burst bigint) IS 'Release the claim, closing the open burst p_closed_burst when given (its messages answered when its status consumes); the buffer (messages above answered_position) is due by the window rule, or p_due_at when given. Returns seconds until due, or NULL when nothing is buffered.';
 
 
 --

@@ -87,8 +87,7 @@ def downgrade() -> None:
                                        float8, text, text, integer, timestamptz, text, float8, float8);
     DROP FUNCTION watibot.begin_burst(text, text, bigint, text, timestamptz, bigint, integer, boolean, text,
                                       float8, float8);
-    DROP FUNCTION watibot.consume_open_burst(text, text, bigint);
-    DROP FUNCTION watibot.release_claim(text, text, text, float8, float8, timestamptz);
+    DROP FUNCTION watibot.release_claim(text, text, text, float8, float8, timestamptz, bigint);
     DROP FUNCTION watibot.burst_messages(text, text, bigint, bigint);
     DROP FUNCTION watibot.lock_conversations(text[], text[]);
     DROP FUNCTION watibot.held_conversation(text, text, bigint, text);

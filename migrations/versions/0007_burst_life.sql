@@ -190,18 +190,27 @@ COMMENT ON FUNCTION watibot.burst_messages IS
     'The messages after p_after up to p_through, in prompt order (WATI''s timestamp, then arrival).';
 
 CREATE FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window float8, p_max float8,
-                                      p_due_at timestamptz DEFAULT NULL) RETURNS float8
+                                      p_due_at timestamptz DEFAULT NULL, p_closed_burst bigint DEFAULT NULL)
+RETURNS float8
 LANGUAGE plpgsql AS $$
 DECLARE
     c watibot.conversation%ROWTYPE;
+    answered bigint;
     first_at timestamptz;
     last_at timestamptz;
     next_due timestamptz;
 BEGIN
     SELECT * INTO c FROM watibot.conversation WHERE channel = p_channel AND customer = p_customer;
-    IF c.last_position > c.answered_position OR c.open_burst_id IS NOT NULL THEN
+    answered := c.answered_position;
+    IF p_closed_burst IS NOT NULL THEN
+        -- The open burst was just closed: a consuming status moves the high-water mark past its messages.
+        SELECT GREATEST(answered, b.through_position) INTO answered FROM watibot.burst AS b
+        WHERE b.id = p_closed_burst AND watibot.consumes(b.status);
+        answered := COALESCE(answered, c.answered_position);
+    END IF;
+    IF c.last_position > answered OR (c.open_burst_id IS NOT NULL AND p_closed_burst IS NULL) THEN
         SELECT m.received_at INTO first_at FROM watibot.message AS m
-        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > c.answered_position
+        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > answered
         ORDER BY m.position LIMIT 1;
         SELECT m.received_at INTO last_at FROM watibot.message AS m
         WHERE m.channel = p_channel AND m.customer = p_customer ORDER BY m.position DESC LIMIT 1;
@@ -210,25 +219,16 @@ BEGIN
                                                       p_window => p_window, p_max => p_max));
     UPDATE watibot.conversation SET
         claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = next_due,
-        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now()
+        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now(),
+        answered_position = answered,
+        open_burst_id = CASE WHEN p_closed_burst IS NULL THEN open_burst_id END
     WHERE channel = p_channel AND customer = p_customer;
     RETURN EXTRACT(EPOCH FROM next_due - now());
 END $$;
 COMMENT ON FUNCTION watibot.release_claim IS
-    'Release the claim; the buffer (messages above answered_position) is due by the window rule, or p_due_at when
-given. Returns seconds until due, or NULL when nothing is buffered.';
-
-CREATE FUNCTION watibot.consume_open_burst(p_channel text, p_customer text, p_burst_id bigint) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE watibot.conversation AS c SET
-        answered_position = GREATEST(c.answered_position,
-                                     (SELECT b.through_position FROM watibot.burst AS b WHERE b.id = p_burst_id)),
-        open_burst_id = NULL
-    WHERE c.channel = p_channel AND c.customer = p_customer;
-END $$;
-COMMENT ON FUNCTION watibot.consume_open_burst IS
-    'Close the open burst as a consuming status: the high-water mark passes its messages, nothing is open.';
+    'Release the claim, closing the open burst p_closed_burst when given (its messages answered when its status '
+    'consumes); the buffer (messages above answered_position) is due by the window rule, or p_due_at when '
+    'given. Returns seconds until due, or NULL when nothing is buffered.';
 
 CREATE FUNCTION watibot.begin_burst(
     p_channel text, p_customer text, p_fence bigint, p_owner text, p_due_at timestamptz, p_through bigint,
@@ -270,7 +270,8 @@ BEGIN
                             WHERE m.channel = p_channel AND m.customer = p_customer
                               AND m.position > b.after_position AND m.position <= c.human_position)
             WHERE id = b.id;
-            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
+            UPDATE watibot.conversation SET answered_position = c.human_position, open_burst_id = NULL
+            WHERE channel = p_channel AND customer = p_customer;
             b := NULL;
         ELSIF b.id IS NULL OR b.after_position < c.answered_position THEN
             INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence,
@@ -295,8 +296,8 @@ BEGIN
                          || 'lost the claim: outcome unknown, not re-sent'
                     ELSE 'gave up after ' || b.attempts || ' attempts; last error: ' || COALESCE(b.error, '-') END
             WHERE id = b.id;
-            PERFORM watibot.consume_open_burst(p_channel, p_customer, b.id);
-            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                                  p_closed_burst => b.id);
             RETURN;
         END IF;
         -- Nothing was said yet: the retry answers the whole buffer up to the claim, newer messages included
@@ -411,15 +412,11 @@ BEGIN
                                 || '-hour session window (a template is needed)'
             ELSE error END
     WHERE id = p_burst_id;
-    IF closing = 'superseded' THEN
-        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
-                                              p_due_at => c.paused_until);
-        outcome := 'paused';
-    ELSIF closing = 'expired' THEN
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
-        outcome := 'expired';
+    IF closing IS NOT NULL THEN  -- superseded: due when the pause ends; expired: its messages answered
+        wait_seconds := watibot.release_claim(
+            p_channel, p_customer, p_mode, p_window, p_max,
+            p_due_at => CASE WHEN closing = 'superseded' THEN c.paused_until END, p_closed_burst => p_burst_id);
+        outcome := CASE WHEN closing = 'superseded' THEN 'paused' ELSE 'expired' END;
     ELSE
         IF c.lease_expires_at < now() + make_interval(secs => p_cover) THEN
             UPDATE watibot.conversation SET
@@ -485,13 +482,9 @@ BEGIN
         agent_finished_at = COALESCE(b.agent_finished_at, CASE WHEN p_agent_started_at IS NOT NULL THEN now() END)
     WHERE b.id = p_burst_id
     RETURNING b.status INTO status;
-    IF watibot.consumes(p_status) THEN
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-    ELSE
-        UPDATE watibot.conversation SET open_burst_id = NULL WHERE channel = p_channel AND customer = p_customer;
-    END IF;
     held := true;
-    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                          p_closed_burst => p_burst_id);
 END $$;
 COMMENT ON FUNCTION watibot.finish_burst IS
     'finish_burst: close the open burst as p_status: sent (p_parts_sent accepted), no_reply, superseded (the
@@ -519,8 +512,8 @@ BEGIN
         UPDATE watibot.burst SET status = 'dead', sending_part = NULL, finished_at = now(),
             error = CASE WHEN p_permanent THEN p_error ELSE 'gave up after ' || b.attempts || ' attempts: ' || p_error END
         WHERE id = p_burst_id;
-        PERFORM watibot.consume_open_burst(p_channel, p_customer, p_burst_id);
-        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max);
+        wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
+                                              p_closed_burst => p_burst_id);
         outcome := 'dead';
         RETURN;
     END IF;
