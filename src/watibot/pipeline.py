@@ -133,12 +133,10 @@ class Pipeline:
                     log.warning("reply not sent: %s", _NOT_SENT[closed.reason], extra=context)
                     self.schedule_hint(closed.wait_seconds)
                     return
-                try:
-                    await self.wati.send_text(
-                        claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
-                    )
-                except SendRejected:
-                    raise  # certainly not sent: fail_burst clears the mark
+                # SendRejected (certainly not sent) propagates: fail_burst clears the mark
+                await self.wati.send_text(
+                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+                )
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
                 # database outage, or a taker would have to treat the send as unknown.
                 if part < last:
