@@ -12,7 +12,9 @@
 -- has been answered. A burst is a range of positions (after_position, through_position]; closing it is one write
 -- to the conversation (answered_position := through_position), whatever its size.
 --
---   webhook ──> buffer (messages above conversation.answered_position) ──claim──> begin_burst
+--   webhook ──> buffer (messages above conversation.answered_position) ──claim_due──> begin_burst
+--   (claim_due begins a fresh burst itself, in the same statement, when nothing else can be in the way: no burst
+--   open, no pause, no operator answer to fold in, a message above the mark; begin_burst handles the rest)
 --
 --   begin_burst ──> processing ──(agent)──> mark_sending ──> sending ──> part_sent ──> … ──> finish_burst
 --        │              │  no reply ──────────────────────────────────────────> no_reply
@@ -39,7 +41,12 @@
 -- then visible to the next statement).
 
 -- Where each rule lives (each once):
---   the buffer window (fixed / sliding, capped) ... buffer_due(), used by the webhook statement and release_claim()
+--   the buffer window (fixed / sliding, capped) ... buffer_due(), used by the webhook statement and release_claims()
+--   releasing a claim (mark, next due) ........... release_claims() (a batch, one UPDATE); release_claim() is its
+--                                                   one-row form
+--   starting a fresh burst ........................ claim_due()'s fresh branch and begin_burst()'s last branch
+--                                                   (the same range and attempt 1; claim_due for the common case,
+--                                                   begin_burst after a pause, a takeover or an operator answer)
 --   WhatsApp's session window .................... in_session_window(), checked by mark_sending() on part 1
 --   which statuses answer their messages .......... consumes(); BurstStatus.consumes in Python (a test compares)
 --   open statuses ................................. conversation.open_burst_id points at the open burst; the
@@ -50,7 +57,7 @@
 --
 -- Indexes and their readers:
 --   conversation_pkey ........... every fenced step, webhooks' upsert
---   conversation_due_idx ........ the claim (due_at <= now() ORDER BY due_at), next_due_wait
+--   conversation_due_idx ........ the claim (claim_due: due_at <= now() ORDER BY due_at), next_due_wait
 --   message_pkey ................ message_outcome (operators)
 --   message_provider_message_id_key  duplicate deliveries
 --   message_position_idx ........ a burst's messages, the first and last of the buffer, prune, operators
@@ -330,6 +337,94 @@ COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_af
 
 
 --
+-- Name: claim_due(integer, text, double precision, boolean); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.claim_due(p_limit integer, p_owner text, p_lease double precision, p_skip_human boolean) RETURNS TABLE(channel text, customer text, wa_id text, fence bigint, previous_owner text, was_due_at timestamp with time zone, claimed_at timestamp with time zone, through bigint, burst_id bigint, messages jsonb)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    channels text[];
+    customers text[];
+    owners text[];
+    due_ats timestamptz[];
+BEGIN
+    -- 1. Lock a batch of due conversations.
+    -- - `due_at <= now()` ORDER BY due_at is served by the partial index conversation_due_idx (idle rows are not
+    --   in it); a claimed row's due_at is its lease expiry, so an expired lease is simply due again;
+    -- - SKIP LOCKED lets N claimers run at once without waiting on each other or on a webhook holding a row, so
+    --   this never waits on a lock and cannot deadlock with the ordered batches.
+    SELECT array_agg(d.channel), array_agg(d.customer), array_agg(d.claimed_by), array_agg(d.due_at)
+    INTO channels, customers, owners, due_ats
+    FROM (SELECT c.channel, c.customer, c.claimed_by, c.due_at
+          FROM watibot.conversation AS c
+          WHERE c.due_at <= now()
+          ORDER BY c.due_at
+          LIMIT p_limit
+          FOR UPDATE SKIP LOCKED) AS d;
+
+    -- 2. Claim them and begin the fresh bursts. A new statement, so a new snapshot: every message up to a locked
+    --    row's last_position is visible now (the webhook that wrote it committed before the row could be locked;
+    --    read in step 1's snapshot, a message committed just before the lock would be missing from the burst).
+    -- - the fence is incremented so the previous holder's writes fail from now on;
+    -- - last_position is the end of the burst: what arrives after the claim waits for the next one.
+    RETURN QUERY
+    WITH due AS (
+        SELECT c.channel, c.customer, k.previous_owner, k.was_due_at, c.fence + 1 AS fence,
+               c.answered_position AS after_position, c.last_position AS through_position,
+               -- the buffer is plainly the next burst: begin_burst's last branch, started here
+               (c.open_burst_id IS NULL AND c.last_position > c.answered_position
+                AND (c.paused_until IS NULL OR c.paused_until <= now())
+                AND NOT COALESCE(p_skip_human AND c.human_position > c.answered_position, false)) AS fresh
+        FROM unnest(channels, customers, owners, due_ats) AS k(channel, customer, previous_owner, was_due_at)
+        JOIN watibot.conversation AS c ON c.channel = k.channel AND c.customer = k.customer
+    ), counted AS (
+        SELECT due.channel, due.customer, due.after_position, due.through_position, due.was_due_at, due.fence,
+               (SELECT count(*) FROM watibot.message AS m
+                WHERE m.channel = due.channel AND m.customer = due.customer
+                  AND m.position > due.after_position AND m.position <= due.through_position) AS messages
+        FROM due
+        WHERE due.fresh
+    ), started AS (
+        INSERT INTO watibot.burst (channel, customer, after_position, through_position, messages, fence, claimed_by,
+                                   due_at)
+        SELECT k.channel, k.customer, k.after_position, k.through_position, k.messages, k.fence, p_owner,
+               k.was_due_at
+        FROM counted AS k
+        WHERE k.messages > 0  -- gaps only: begin_burst moves the mark past them
+        RETURNING id, channel, customer
+    ), claimed AS (
+        UPDATE watibot.conversation AS c SET
+            claimed_by = p_owner,
+            claimed_at = now(),
+            fence = due.fence,
+            lease_expires_at = now() + make_interval(secs => p_lease),
+            due_at = now() + make_interval(secs => p_lease),
+            updated_at = now(),
+            open_burst_id = COALESCE(s.id, c.open_burst_id)
+        FROM due
+        LEFT JOIN started AS s ON s.channel = due.channel AND s.customer = due.customer
+        WHERE c.channel = due.channel AND c.customer = due.customer
+        RETURNING c.channel, c.customer, c.wa_id, c.fence, due.previous_owner, due.was_due_at, c.claimed_at,
+                  c.last_position, s.id AS burst_id, due.after_position
+    )
+    SELECT k.channel, k.customer, k.wa_id, k.fence, k.previous_owner, k.was_due_at, k.claimed_at,
+           k.last_position, k.burst_id,
+           CASE WHEN k.burst_id IS NOT NULL
+                THEN watibot.burst_messages(k.channel, k.customer, k.after_position, k.last_position) END
+    FROM claimed AS k;
+END $$;
+
+
+--
+-- Name: FUNCTION claim_due(p_limit integer, p_owner text, p_lease double precision, p_skip_human boolean); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.claim_due(p_limit integer, p_owner text, p_lease double precision, p_skip_human boolean) IS 'claim_due: claim up to p_limit due conversations (free, or with an expired lease) for p_owner, with a new fence and a lease of p_lease seconds. A conversation whose buffer is plainly the next burst (no open burst, no pause, no operator answer to fold in, a message above the high-water mark) gets that burst begun in the same statement: burst_id and its messages are returned, and the holder goes straight to the agent. The others (burst_id NULL) are begun by begin_burst(s).';
+
+
+--
 -- Name: consumes(text); Type: FUNCTION; Schema: watibot; Owner: -
 --
 
@@ -394,73 +489,76 @@ left and a transient error the burst waits p_retry_in seconds (outcome retry); o
 
 
 --
--- Name: finish_burst(text, text, bigint, text, bigint, text, text, integer, text, text, timestamp with time zone, text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
---
-
-CREATE FUNCTION watibot.finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text) RETURNS record
-    LANGUAGE plpgsql
-    AS $$
-#variable_conflict use_variable
-DECLARE
-    c watibot.conversation%ROWTYPE;
-BEGIN
-    c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
-                                   p_owner => p_owner);
-    IF c.channel IS NULL OR c.open_burst_id IS DISTINCT FROM p_burst_id THEN
-        held := false;
-        RETURN;
-    END IF;
-    UPDATE watibot.burst AS b SET
-        status = CASE WHEN p_status = 'sent' AND b.delivery_status = 'failed' THEN 'attention' ELSE p_status END,
-        error = COALESCE(p_error, CASE WHEN p_status = 'sent' AND b.delivery_status = 'failed'
-            THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE(b.delivery_error, '-') END,
-            b.error),
-        finished_at = now(),
-        parts_sent = COALESCE(p_parts_sent, b.parts_sent),
-        sending_part = CASE WHEN p_parts_sent IS NULL THEN b.sending_part END,
-        sent_at = CASE WHEN p_status = 'sent' THEN COALESCE(b.sent_at, now()) ELSE b.sent_at END,
-        prompt = COALESCE(p_prompt, b.prompt), reply = COALESCE(p_reply, b.reply),
-        agent_started_at = COALESCE(p_agent_started_at, b.agent_started_at),
-        agent_finished_at = COALESCE(b.agent_finished_at, CASE WHEN p_agent_started_at IS NOT NULL THEN now() END)
-    WHERE b.id = p_burst_id
-    RETURNING b.status INTO status;
-    held := true;
-    wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
-                                          p_closed_burst => p_burst_id);
-END $$;
-
-
---
--- Name: FUNCTION finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text); Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON FUNCTION watibot.finish_burst(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_status text, p_error text, p_parts_sent integer, p_prompt text, p_reply text, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT held boolean, OUT wait_seconds double precision, OUT status text) IS 'finish_burst: close the open burst as p_status: sent (p_parts_sent accepted), no_reply, superseded (the
-messages stay in the buffer and join the next burst), dead, attention or expired (with p_error). A burst
-whose delivery WATI reported failed while its later parts went out closes as attention, not sent. The claim is
-released and the buffer scheduled. held = false: the fence no longer matches, nothing was changed.';
-
-
---
 -- Name: finish_bursts(text[], text[], bigint[], text[], bigint[], text[], text[], integer[], text[], text[], timestamp with time zone[], text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
 --
 
 CREATE FUNCTION watibot.finish_bursts(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_statuses text[], p_errors text[], p_parts_sent integer[], p_prompts text[], p_replies text[], p_agent_started_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(held boolean, wait_seconds double precision, status text)
     LANGUAGE plpgsql
     AS $$
+#variable_conflict use_column
+DECLARE
+    done_positions bigint[];
+    done_statuses text[];
 BEGIN
     PERFORM watibot.lock_conversations(p_channels, p_customers);
+    -- Close each burst that is still its conversation's open one under the caller's fence.
+    WITH i AS (
+        SELECT * FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_statuses, p_errors,
+                             p_parts_sent, p_prompts, p_replies, p_agent_started_ats)
+            WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
+                                 agent_started_at, position)
+    ), closed AS (
+        UPDATE watibot.burst AS b SET
+            -- WATI reported a failed delivery while later parts went out: attention, not sent
+            status = CASE WHEN i.status = 'sent' AND b.delivery_status = 'failed' THEN 'attention' ELSE i.status END,
+            error = COALESCE(i.error, CASE WHEN i.status = 'sent' AND b.delivery_status = 'failed'
+                THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE(b.delivery_error, '-') END,
+                b.error),
+            finished_at = now(),
+            parts_sent = COALESCE(i.parts_sent, b.parts_sent),
+            sending_part = CASE WHEN i.parts_sent IS NULL THEN b.sending_part END,
+            sent_at = CASE WHEN i.status = 'sent' THEN COALESCE(b.sent_at, now()) ELSE b.sent_at END,
+            prompt = COALESCE(i.prompt, b.prompt), reply = COALESCE(i.reply, b.reply),
+            agent_started_at = COALESCE(i.agent_started_at, b.agent_started_at),
+            agent_finished_at = COALESCE(b.agent_finished_at, CASE WHEN i.agent_started_at IS NOT NULL THEN now() END)
+        FROM i
+        JOIN watibot.conversation AS c
+            ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
+           AND c.open_burst_id = i.burst_id
+        WHERE b.id = i.burst_id
+        RETURNING i.position, b.status
+    )
+    SELECT array_agg(closed.position), array_agg(closed.status) INTO done_positions, done_statuses FROM closed;
+
     RETURN QUERY
-    SELECT f.* FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_statuses, p_errors,
-                           p_parts_sent, p_prompts, p_replies, p_agent_started_ats)
-        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, status, error, parts_sent, prompt, reply,
-                             agent_started_at, position)
-    CROSS JOIN LATERAL watibot.finish_burst(
-        p_channel => i.channel, p_customer => i.customer, p_fence => i.fence, p_owner => i.owner,
-        p_burst_id => i.burst_id, p_status => i.status, p_error => i.error, p_parts_sent => i.parts_sent,
-        p_prompt => i.prompt, p_reply => i.reply, p_agent_started_at => i.agent_started_at,
-        p_mode => p_mode, p_window => p_window, p_max => p_max) AS f
+    WITH done AS (
+        SELECT d.position, d.status FROM unnest(done_positions, done_statuses) AS d(position, status)
+    ), released AS (
+        SELECT r.channel, r.customer, r.wait_seconds
+        FROM watibot.release_claims(
+            ARRAY(SELECT p_channels[done.position::integer] FROM done), ARRAY(SELECT p_customers[done.position::integer] FROM done),
+            ARRAY(SELECT p_burst_ids[done.position::integer] FROM done),
+            ARRAY(SELECT NULL::timestamptz FROM done), p_mode, p_window, p_max) AS r
+    )
+    SELECT done.position IS NOT NULL, released.wait_seconds, done.status
+    FROM unnest(p_channels, p_customers) WITH ORDINALITY AS i(channel, customer, position)
+    LEFT JOIN done ON done.position = i.position
+    LEFT JOIN released ON done.position IS NOT NULL AND released.channel = i.channel
+                      AND released.customer = i.customer
     ORDER BY i.position;
 END $$;
+
+
+--
+-- Name: FUNCTION finish_bursts(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_statuses text[], p_errors text[], p_parts_sent integer[], p_prompts text[], p_replies text[], p_agent_started_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.finish_bursts(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_statuses text[], p_errors text[], p_parts_sent integer[], p_prompts text[], p_replies text[], p_agent_started_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision) IS 'finish_bursts: close each open burst p_burst_ids[i] as p_statuses[i]: sent (p_parts_sent accepted), no_reply,
+superseded (the messages stay in the buffer and join the next burst), dead, attention or expired (with p_errors).
+A burst whose delivery WATI reported failed while its later parts went out closes as attention, not sent. The
+claims are released and the buffers scheduled (release_claims). held = false: the fence no longer matches or the
+burst is not the open one, nothing was changed. One statement per step for the whole batch, after locking the
+conversations in key order.';
 
 
 --
@@ -883,37 +981,10 @@ COMMENT ON FUNCTION watibot.part_sent(p_channel text, p_customer text, p_fence b
 CREATE FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_closed_burst bigint DEFAULT NULL::bigint) RETURNS double precision
     LANGUAGE plpgsql
     AS $$
-DECLARE
-    c watibot.conversation%ROWTYPE;
-    answered bigint;
-    first_at timestamptz;
-    last_at timestamptz;
-    next_due timestamptz;
 BEGIN
-    SELECT * INTO c FROM watibot.conversation WHERE channel = p_channel AND customer = p_customer;
-    answered := c.answered_position;
-    IF p_closed_burst IS NOT NULL THEN
-        -- The open burst was just closed: a consuming status moves the high-water mark past its messages.
-        SELECT GREATEST(answered, b.through_position) INTO answered FROM watibot.burst AS b
-        WHERE b.id = p_closed_burst AND watibot.consumes(b.status);
-        answered := COALESCE(answered, c.answered_position);
-    END IF;
-    IF c.last_position > answered OR (c.open_burst_id IS NOT NULL AND p_closed_burst IS NULL) THEN
-        SELECT m.received_at INTO first_at FROM watibot.message AS m
-        WHERE m.channel = p_channel AND m.customer = p_customer AND m.position > answered
-        ORDER BY m.position LIMIT 1;
-        SELECT m.received_at INTO last_at FROM watibot.message AS m
-        WHERE m.channel = p_channel AND m.customer = p_customer ORDER BY m.position DESC LIMIT 1;
-    END IF;
-    next_due := COALESCE(p_due_at, watibot.buffer_due(p_first => first_at, p_last => last_at, p_mode => p_mode,
-                                                      p_window => p_window, p_max => p_max));
-    UPDATE watibot.conversation SET
-        claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, due_at = next_due,
-        buffer_started_at = first_at, attempts = 0, last_error = NULL, updated_at = now(),
-        answered_position = answered,
-        open_burst_id = CASE WHEN p_closed_burst IS NULL THEN open_burst_id END
-    WHERE channel = p_channel AND customer = p_customer;
-    RETURN EXTRACT(EPOCH FROM next_due - now());
+    RETURN (SELECT r.wait_seconds
+            FROM watibot.release_claims(ARRAY[p_channel], ARRAY[p_customer], ARRAY[p_closed_burst], ARRAY[p_due_at],
+                                        p_mode, p_window, p_max) AS r);
 END $$;
 
 
@@ -921,7 +992,59 @@ END $$;
 -- Name: FUNCTION release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone, p_closed_burst bigint); Type: COMMENT; Schema: watibot; Owner: -
 --
 
-COMMENT ON FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone, p_closed_burst bigint) IS 'Release the claim, closing the open burst p_closed_burst when given (its messages answered when its status consumes); the buffer (messages above answered_position) is due by the window rule, or p_due_at when given. Returns seconds until due, or NULL when nothing is buffered.';
+COMMENT ON FUNCTION watibot.release_claim(p_channel text, p_customer text, p_mode text, p_window double precision, p_max double precision, p_due_at timestamp with time zone, p_closed_burst bigint) IS 'release_claims for one conversation: release the claim, closing the open burst p_closed_burst when given; returns seconds until due, or NULL when nothing is buffered.';
+
+
+--
+-- Name: release_claims(text[], text[], bigint[], timestamp with time zone[], text, double precision, double precision); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.release_claims(p_channels text[], p_customers text[], p_closed_bursts bigint[], p_due_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(channel text, customer text, wait_seconds double precision)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH k AS (
+        SELECT c.channel, c.customer, c.last_position, c.open_burst_id, k.closed_burst, k.due_at,
+               -- a consuming status moves the high-water mark past the closed burst's messages
+               CASE WHEN k.closed_burst IS NOT NULL AND watibot.consumes(b.status)
+                    THEN GREATEST(c.answered_position, b.through_position)
+                    ELSE c.answered_position END AS answered
+        FROM unnest(p_channels, p_customers, p_closed_bursts, p_due_ats) AS k(channel, customer, closed_burst, due_at)
+        JOIN watibot.conversation AS c ON c.channel = k.channel AND c.customer = k.customer
+        LEFT JOIN watibot.burst AS b ON b.id = k.closed_burst
+    ), buffer AS (
+        -- the buffer left: messages above the mark (and an open burst that stays open)
+        SELECT k.*,
+               (SELECT m.received_at FROM watibot.message AS m
+                WHERE m.channel = k.channel AND m.customer = k.customer AND m.position > k.answered
+                  AND (k.last_position > k.answered OR (k.open_burst_id IS NOT NULL AND k.closed_burst IS NULL))
+                ORDER BY m.position LIMIT 1) AS first_at,
+               (SELECT m.received_at FROM watibot.message AS m
+                WHERE m.channel = k.channel AND m.customer = k.customer
+                  AND (k.last_position > k.answered OR (k.open_burst_id IS NOT NULL AND k.closed_burst IS NULL))
+                ORDER BY m.position DESC LIMIT 1) AS last_at
+        FROM k
+    )
+    UPDATE watibot.conversation AS c SET
+        claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+        due_at = COALESCE(x.due_at, watibot.buffer_due(p_first => x.first_at, p_last => x.last_at, p_mode => p_mode,
+                                                       p_window => p_window, p_max => p_max)),
+        buffer_started_at = x.first_at, attempts = 0, last_error = NULL, updated_at = now(),
+        answered_position = x.answered,
+        open_burst_id = CASE WHEN x.closed_burst IS NULL THEN c.open_burst_id END
+    FROM buffer AS x
+    WHERE c.channel = x.channel AND c.customer = x.customer
+    RETURNING c.channel, c.customer, EXTRACT(EPOCH FROM c.due_at - now())::float8;
+END $$;
+
+
+--
+-- Name: FUNCTION release_claims(p_channels text[], p_customers text[], p_closed_bursts bigint[], p_due_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.release_claims(p_channels text[], p_customers text[], p_closed_bursts bigint[], p_due_ats timestamp with time zone[], p_mode text, p_window double precision, p_max double precision) IS 'Release the claims on the given conversations (their rows must be locked by the caller), closing each one''s open burst p_closed_bursts[i] when given (its messages answered when its status consumes); each buffer (messages above answered_position) is due by the window rule, or p_due_ats[i] when given. Returns the seconds until each is due, or NULL when nothing is buffered.';
 
 
 --

@@ -17,7 +17,7 @@ from watibot.batching import Batcher
 from watibot.db import DatabaseUnavailable, LeaseLost, StatementFailed
 from watibot.payload import CustomerMessage, parse_event
 from watibot.store import Stores
-from watibot.store.records import Burst, BurstStatus, Closed, IngestResult, RecordedReply
+from watibot.store.records import Burst, BurstStatus, IngestResult, RecordedReply
 
 
 async def settled(predicate: Callable[[], bool]) -> None:
@@ -257,8 +257,8 @@ def test_a_message_the_database_refuses_fails_alone_in_its_batch(database_url: s
 
 
 def test_burst_steps_of_many_conversations_share_statements_and_stay_fenced(database_url: str, sql: Sql) -> None:
-    """60 claimed conversations run begin, mark-sending and finish concurrently; a stale fence in the same
-    batches is refused alone (LeaseLost) while its neighbours complete."""
+    """60 conversations claimed (and their fresh bursts begun) by one statement run mark-sending and finish
+    concurrently; a stale fence in the same batches is refused alone (LeaseLost) while its neighbours complete."""
     make_due(sql, 60, messages_each=2)
 
     async def main(repository: Stores) -> dict[str, Any]:
@@ -267,9 +267,10 @@ def test_burst_steps_of_many_conversations_share_statements_and_stay_fenced(data
         stale = claims[7]
         sql("UPDATE watibot.conversation SET fence = fence + 1 WHERE customer = %s", stale.customer)
         begun = await asyncio.gather(*(repository.bursts.begin(claim) for claim in claims), return_exceptions=True)
-        live = [(claim, burst) for claim, burst in zip(claims, begun, strict=True) if isinstance(burst, Burst)]
         reply = RecordedReply("prompt", "reply", 1, datetime.now(UTC))
-        marks = await asyncio.gather(*(repository.bursts.mark_sending(claim, burst, 0, reply) for claim, burst in live))
+        marks = await asyncio.gather(*(repository.bursts.mark_sending(claim, burst, 0, reply)
+                                       for claim, burst in zip(claims, begun, strict=True)), return_exceptions=True)
+        live = [(claim, burst) for claim, burst, mark in zip(claims, begun, marks, strict=True) if mark is None]
         waits = await asyncio.gather(*(repository.bursts.finish(claim, burst, BurstStatus.SENT, parts_sent=1)
                                        for claim, burst in live))
         return {"begun": begun, "marks": marks, "waits": waits, "live": len(live),
@@ -277,35 +278,37 @@ def test_burst_steps_of_many_conversations_share_statements_and_stay_fenced(data
                             repository.bursts.finish_batches.batches]}
 
     outcome = run(database_url, main)
-    assert isinstance(outcome["begun"][7], LeaseLost)
-    assert not any(isinstance(b, Closed) for b in outcome["begun"])
+    assert all(isinstance(burst, Burst) and burst.attempts == 1 for burst in outcome["begun"])
+    assert isinstance(outcome["marks"][7], LeaseLost)
     assert outcome["live"] == 59
-    assert outcome["marks"] == [None] * 59  # marked: send
     assert outcome["waits"] == [None] * 59  # nothing left buffered
-    assert all(batches < 59 for batches in outcome["batches"])
-    assert sql("SELECT status, count(*), sum(messages) FROM watibot.burst GROUP BY status") == [
-        ("sent", 59, 118)]
-    assert sql("SELECT count(*) FROM watibot.message_outcome WHERE burst_id IS NULL") == [(2,)]  # the stale one's
+    begin_batches, mark_batches, finish_batches = outcome["batches"]
+    assert begin_batches == 0  # the claim began every fresh burst itself
+    assert mark_batches < 59 and finish_batches < 59
+    assert sql("SELECT status, count(*), sum(messages) FROM watibot.burst GROUP BY status ORDER BY status") == [
+        ("processing", 1, 2), ("sent", 59, 118)]  # the stale claim's burst is left to the fence's new holder
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 def test_batches_and_heartbeats_over_the_same_conversations_do_not_deadlock(
     database_url: str, sql: Sql, order: str
 ) -> None:
-    """Heartbeats (all claims) race batched begins (the same claims, submitted in either order): rows are locked
-    in one order, so no statement is aborted as a deadlock."""
+    """Heartbeats (all claims) race batched sending marks (the same claims, submitted in either order): rows are
+    locked in one order, so no statement is aborted as a deadlock."""
     make_due(sql, 80)
+    reply = RecordedReply("prompt", "reply", 1, datetime.now(UTC))
 
     async def main(repository: Stores) -> list[object]:
         claims = await repository.claims.claim_due("worker-a", 100)
+        assert all(claim.begun is not None for claim in claims)
         submitted = claims if order == "forward" else claims[::-1]
         heartbeats = [repository.claims.heartbeat("worker-a", claims[::-1] if n % 2 else claims) for n in range(6)]
-        return await asyncio.gather(*heartbeats, *(repository.bursts.begin(c) for c in submitted),
-                                    return_exceptions=True)
+        marks = (repository.bursts.mark_sending(c, c.begun, 0, reply) for c in submitted if c.begun is not None)
+        return await asyncio.gather(*heartbeats, *marks, return_exceptions=True)
 
     results = run(database_url, main)
     assert not [result for result in results if isinstance(result, BaseException)]
-    assert sql("SELECT count(*) FROM watibot.burst WHERE status = 'processing'") == [(80,)]
+    assert sql("SELECT count(*) FROM watibot.burst WHERE status = 'sending'") == [(80,)]
 
 
 def test_messages_of_one_batch_keep_their_arrival_order(database_url: str, sql: Sql) -> None:

@@ -43,7 +43,7 @@ def test_alembic_upgrade_head_works_at_the_repo_root(database_url: str, sql: Sql
 def test_burst_functions_exist_and_downgrade_cleanly(database_url: str, sql: Sql) -> None:
     """The burst-step functions are created with comments and dropped again by their revision's downgrade."""
     functions = "SELECT proname FROM pg_proc WHERE pronamespace = 'watibot'::regnamespace AND proname = ANY(%s) ORDER BY 1"
-    names = ["begin_burst", "burst_messages", "finish_burst", "release_claim"]
+    names = ["begin_burst", "burst_messages", "claim_due", "finish_bursts", "release_claim", "release_claims"]
     assert [row[0] for row in sql(functions, names)] == names
     assert sql("SELECT count(*) FROM pg_proc WHERE pronamespace = 'watibot'::regnamespace AND proname = ANY(%s) "
                "AND obj_description(oid, 'pg_proc') IS NULL", names) == [(0,)]

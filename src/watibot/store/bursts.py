@@ -1,9 +1,11 @@
 """The burst steps a claim holder takes, as calls of the transition functions in migrations/schema.sql.
 
 What happens to a burst, and when, is read there ("The burst's life": the state diagram and one function per
-transition). This module only calls them, with named parameters, and turns their outcomes into records. Begin,
-mark and finish run through `batching.Batcher`: the bursts of a worker that reach the same step together share
-one statement (`watibot.begin_bursts` …, which lock their conversations in key order first) and one commit.
+transition). This module only calls them, with named parameters, and turns their outcomes into records. The claim
+itself begins a fresh burst (`watibot.claim_due`, store/claims.py); begin (for the rest), mark and finish run through
+`batching.Batcher`: the bursts of a worker that reach the same step together share one statement
+(`watibot.begin_bursts` …, which lock their conversations in key order first) and one commit; `finish_bursts` closes
+and releases the whole batch with one UPDATE each.
 """
 
 from __future__ import annotations
@@ -110,20 +112,30 @@ def _claim_columns(claims: list[Claim]) -> tuple[list[str], list[str], list[int]
             [c.owner for c in claims])
 
 
-def _begun(claim: Claim, row: asyncpg.Record) -> Burst | Closed | LeaseLost:
-    if row["outcome"] == "lost":
-        return _lost(claim)
-    if row["outcome"] != "run":
-        return Closed(row["outcome"], row["wait_seconds"])
-    messages = [
+def _messages(items: list[dict[str, Any]]) -> list[BufferedMessage]:
+    """A burst's messages from watibot.burst_messages' JSON."""
+    return [
         BufferedMessage(
             id=item["id"], provider_message_id=item["provider_message_id"], type=item["type"],
             text=item["text"], wati_timestamp=_timestamp(item["wati_timestamp"]),
             received_at=_timestamp(item["received_at"]) or datetime.now(UTC), data=item["data"],
         )
-        for item in row["messages"]
+        for item in items
     ]
-    return Burst(row["burst_id"], row["attempts"], messages, row["reply"], row["reply_parts"], row["parts_sent"])
+
+
+def fresh_burst(burst_id: int, messages: list[dict[str, Any]]) -> Burst:
+    """A burst begun by the claim itself (watibot.claim_due): first attempt, nothing said yet."""
+    return Burst(burst_id, 1, _messages(messages), None, None, 0)
+
+
+def _begun(claim: Claim, row: asyncpg.Record) -> Burst | Closed | LeaseLost:
+    if row["outcome"] == "lost":
+        return _lost(claim)
+    if row["outcome"] != "run":
+        return Closed(row["outcome"], row["wait_seconds"])
+    return Burst(row["burst_id"], row["attempts"], _messages(row["messages"]), row["reply"], row["reply_parts"],
+                 row["parts_sent"])
 
 
 class BurstStore:
@@ -157,7 +169,10 @@ class BurstStore:
 
     async def begin(self, claim: Claim) -> Burst | Closed:
         """Start (or resume) the conversation's burst under `claim`, or close what cannot go on
-        (watibot.begin_burst: paused, attention, dead, empty)."""
+        (watibot.begin_burst: paused, attention, dead, empty). A claim that began its fresh burst itself
+        (`Claim.begun`) needs no statement."""
+        if claim.begun is not None:
+            return claim.begun
         begun = await self.begin_batches.submit(claim)  # a refused fence raises LeaseLost
         assert not isinstance(begun, LeaseLost)
         return begun
@@ -223,7 +238,7 @@ class BurstStore:
         self, claim: Claim, burst: Burst, status: BurstStatus, *, error: str | None = None,
         parts_sent: int | None = None, reply: RecordedReply | None = None, record_text: bool = False,
     ) -> float | None:
-        """Close the burst (sent, no_reply, superseded, dead, attention, expired; watibot.finish_burst), release
+        """Close the burst (sent, no_reply, superseded, dead, attention, expired; watibot.finish_bursts), release
         the claim and schedule the buffer. Returns seconds until the conversation is due again, or None."""
         wait = await self.finish_batches.submit(
             _Finish(claim, burst.id, status, error, parts_sent, reply, record_text))

@@ -9,35 +9,14 @@ import asyncpg
 
 from watibot.db import connection
 from watibot.settings import Settings
+from watibot.store.bursts import fresh_burst
 from watibot.store.records import Claim
 
-# One statement claims a batch:
-# - `due_at <= now()` ORDER BY due_at is served by the partial index conversation_due_idx (idle rows are not in it);
-# - a claimed row's due_at is its lease expiry, so an expired lease is simply due again: takeover needs no
-#   second predicate;
-# - SKIP LOCKED lets N claimers run at once without waiting on each other or on a webhook holding a row;
-# - the fence is incremented so the previous holder's writes fail from now on;
-# - last_position is the end of the burst: what arrives after the claim waits for the next one.
+# One statement claims a batch and begins the fresh bursts among it (watibot.claim_due in migrations/schema.sql:
+# FOR UPDATE SKIP LOCKED on due_at, a new fence, the lease; a buffer that is plainly the next burst is begun in the
+# same update of the conversation row). The rest are begun by BurstStore.begin.
 CLAIM_DUE = """
-WITH due AS (
-    SELECT channel, customer, claimed_by AS previous_owner, due_at AS was_due_at
-    FROM watibot.conversation
-    WHERE due_at <= now()
-    ORDER BY due_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE watibot.conversation AS c SET
-    claimed_by = $2,
-    claimed_at = now(),
-    fence = c.fence + 1,
-    lease_expires_at = now() + make_interval(secs => $3),
-    due_at = now() + make_interval(secs => $3),
-    updated_at = now()
-FROM due
-WHERE c.channel = due.channel AND c.customer = due.customer
-RETURNING c.channel, c.customer, c.wa_id, c.fence, due.previous_owner, due.was_due_at, c.claimed_at,
-          c.last_position
+SELECT * FROM watibot.claim_due(p_limit => $1, p_owner => $2, p_lease => $3, p_skip_human => $4)
 """
 
 NEXT_DUE = """
@@ -77,12 +56,15 @@ class ClaimStore:
         self.timeout = settings.db_timeout_seconds
 
     async def claim_due(self, owner: str, limit: int) -> list[Claim]:
-        """Claim up to `limit` due conversations (free, or with an expired lease) for `owner`."""
+        """Claim up to `limit` due conversations (free, or with an expired lease) for `owner`; a claim whose
+        fresh burst was begun with it carries that burst (`Claim.begun`)."""
         async with connection(self.pool, self.timeout) as conn:
-            rows = await conn.fetch(CLAIM_DUE, limit, owner, self.settings.lease_seconds)
+            rows = await conn.fetch(CLAIM_DUE, limit, owner, self.settings.lease_seconds,
+                                    self.settings.human_answered == "skip")
         return [
             Claim(row["channel"], row["customer"], row["wa_id"], row["fence"], owner, row["previous_owner"],
-                  row["was_due_at"], row["claimed_at"], row["last_position"])
+                  row["was_due_at"], row["claimed_at"], row["through"],
+                  begun=None if row["burst_id"] is None else fresh_burst(row["burst_id"], row["messages"]))
             for row in rows
         ]
 

@@ -106,7 +106,7 @@ RETURNING 1
 
 # WATI's report on a reply we sent. A failed delivery is never re-sent automatically (WATI accepted the message
 # once; a repeat could reach the customer twice, and 24-hour window failures cannot succeed): a sent burst goes
-# to attention with the reason; one still sending its later parts does when it finishes (watibot.finish_burst).
+# to attention with the reason; one still sending its later parts does when it finishes (watibot.finish_bursts).
 DELIVERY_UPDATE = """
 UPDATE watibot.burst AS b SET
     delivery_status = CASE

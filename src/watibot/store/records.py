@@ -66,6 +66,7 @@ class Claim:
     claimed_at: datetime | None = None  # the database clock at the claim
     through: int = 0  # the conversation's last message position at the claim: the burst ends there
     claimed_monotonic: float = field(default_factory=time.monotonic)  # this host's monotonic clock then
+    begun: Burst | None = None  # the fresh burst the claim began in the same statement (watibot.claim_due)
 
     def database_now(self) -> datetime:
         """The database clock now, as measured from the claim: host clocks may be skewed, elapsed time is not."""
