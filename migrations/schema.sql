@@ -848,66 +848,13 @@ and heartbeats (which lock in the same order) never deadlock. ORDER BY is applie
 CREATE FUNCTION watibot.mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision) RETURNS record
     LANGUAGE plpgsql
     AS $$
-DECLARE
-    c watibot.conversation%ROWTYPE;
-    closing text;
 BEGIN
-    c := watibot.held_conversation(p_channel => p_channel, p_customer => p_customer, p_fence => p_fence,
-                                   p_owner => p_owner);
-    IF c.channel IS NULL OR c.open_burst_id IS DISTINCT FROM p_burst_id THEN
-        outcome := 'lost';
-        RETURN;
-    END IF;
-    IF clock_timestamp() > p_not_after THEN
-        outcome := 'late';
-        RETURN;
-    END IF;
-    IF p_part = 0 AND c.paused_until > now() THEN
-        IF (SELECT x.after_position < c.answered_position FROM watibot.burst AS x WHERE x.id = p_burst_id) THEN
-            -- A replayed burst (behind the high-water mark): nothing else would answer its messages, so it stays
-            -- open for after the pause; this attempt does not count.
-            UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1,
-                error = 'an operator wrote to the customer while the agent worked: reply not sent, retried after '
-                        || 'the pause'
-            WHERE id = p_burst_id;
-            wait_seconds := watibot.release_claim(p_channel, p_customer, p_mode, p_window, p_max,
-                                                  p_due_at => c.paused_until);
-            outcome := 'paused';
-            RETURN;
-        END IF;
-        closing := 'superseded';
-    ELSIF p_part = 0 AND NOT watibot.in_session_window(c.last_customer_message_at, p_session_window) THEN
-        closing := 'expired';
-    END IF;
-    UPDATE watibot.burst SET
-        status = COALESCE(closing, 'sending'),
-        sending_part = CASE WHEN closing IS NULL THEN p_part END,
-        prompt = COALESCE(p_prompt, prompt), reply = COALESCE(p_reply, reply),
-        reply_parts = COALESCE(p_reply_parts, reply_parts),
-        agent_started_at = COALESCE(p_agent_started_at, agent_started_at),
-        agent_finished_at = CASE WHEN p_reply IS NOT NULL THEN now() ELSE agent_finished_at END,
-        finished_at = CASE WHEN closing IS NOT NULL THEN now() END,
-        error = CASE closing
-            WHEN 'superseded' THEN 'an operator wrote to the customer while the agent worked: reply not sent'
-            WHEN 'expired' THEN 'not sent: the customer''s latest message is older than WhatsApp''s '
-                                || trim_scale(round((p_session_window / 3600)::numeric, 2))
-                                || '-hour session window (a template is needed)'
-            ELSE error END
-    WHERE id = p_burst_id;
-    IF closing IS NOT NULL THEN  -- superseded: due when the pause ends; expired: its messages answered
-        wait_seconds := watibot.release_claim(
-            p_channel, p_customer, p_mode, p_window, p_max,
-            p_due_at => CASE WHEN closing = 'superseded' THEN c.paused_until END, p_closed_burst => p_burst_id);
-        outcome := CASE WHEN closing = 'superseded' THEN 'paused' ELSE 'expired' END;
-    ELSE
-        IF c.lease_expires_at < now() + make_interval(secs => p_cover) THEN
-            UPDATE watibot.conversation SET
-                lease_expires_at = now() + make_interval(secs => p_lease),
-                due_at = now() + make_interval(secs => p_lease)
-            WHERE channel = p_channel AND customer = p_customer;
-        END IF;
-        outcome := 'send';
-    END IF;
+    SELECT m.outcome, m.wait_seconds INTO outcome, wait_seconds
+    FROM watibot.mark_sendings(
+        ARRAY[p_channel], ARRAY[p_customer], ARRAY[p_fence], ARRAY[p_owner], ARRAY[p_burst_id], ARRAY[p_part],
+        ARRAY[p_not_after], ARRAY[p_prompt], ARRAY[p_reply], ARRAY[p_reply_parts], ARRAY[p_agent_started_at],
+        p_lease => p_lease, p_cover => p_cover, p_session_window => p_session_window, p_mode => p_mode,
+        p_window => p_window, p_max => p_max) AS m;
 END $$;
 
 
@@ -915,15 +862,7 @@ END $$;
 -- Name: FUNCTION mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision); Type: COMMENT; Schema: watibot; Owner: -
 --
 
-COMMENT ON FUNCTION watibot.mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision) IS 'mark_sending: before part p_part goes to WATI. Records the agent''s reply (the first time), marks the part in
-flight and makes sure the lease covers the send (p_cover seconds). Outcomes:
-  send       marked: send it
-  late       the caller''s deadline (p_not_after) passed before this ran: nothing written (the caller has given
-             up and will not send, so a mark now would make the next holder think a send was in flight)
-  paused     part 1 only: an operator wrote meanwhile; the reply is discarded (superseded), released until
-             the pause ends
-  expired    part 1 only: the customer''s last message is outside the session window; closed, not sent
-  lost       the fence no longer matches: nothing changed';
+COMMENT ON FUNCTION watibot.mark_sending(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, p_mode text, p_window double precision, p_max double precision, OUT outcome text, OUT wait_seconds double precision) IS 'mark_sendings for one burst (see there for the outcomes).';
 
 
 --
@@ -933,21 +872,136 @@ flight and makes sure the lease covers the send (p_cover seconds). Outcomes:
 CREATE FUNCTION watibot.mark_sendings(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_parts integer[], p_not_afters timestamp with time zone[], p_prompts text[], p_replies text[], p_reply_parts integer[], p_agent_started_ats timestamp with time zone[], p_lease double precision, p_cover double precision, p_session_window double precision, p_mode text, p_window double precision, p_max double precision) RETURNS TABLE(outcome text, wait_seconds double precision)
     LANGUAGE plpgsql
     AS $$
+#variable_conflict use_column
+DECLARE
+    outcomes text[] := array_fill(NULL::text, ARRAY[cardinality(p_channels)]);
+    waits float8[] := array_fill(NULL::float8, ARRAY[cardinality(p_channels)]);
+    marked bigint[];
+    r record;
+    k integer;
+    closing text;
 BEGIN
     PERFORM watibot.lock_conversations(p_channels, p_customers);
+
+    -- The ordinary mark, for the whole batch at once: the burst is still the open one under the caller's fence,
+    -- the caller's deadline has not passed, and (part 1 only) no operator wrote meanwhile and the customer's last
+    -- message is within the session window. The reply is recorded (the first time), the part marked in flight,
+    -- and the lease made to cover the send (p_cover seconds).
+    WITH i AS (
+        SELECT * FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters,
+                             p_prompts, p_replies, p_reply_parts, p_agent_started_ats)
+            WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, prompt, reply,
+                                 reply_parts, agent_started_at, position)
+    ), ready AS (
+        SELECT i.*, c.lease_expires_at
+        FROM i
+        JOIN watibot.conversation AS c
+            ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
+           AND c.open_burst_id = i.burst_id
+        WHERE clock_timestamp() <= i.not_after
+          AND (i.part > 0 OR (NOT COALESCE(c.paused_until > now(), false)
+                              AND watibot.in_session_window(c.last_customer_message_at, p_session_window)))
+    ), marks AS (
+        UPDATE watibot.burst AS b SET
+            status = 'sending', sending_part = ready.part,
+            prompt = COALESCE(ready.prompt, b.prompt), reply = COALESCE(ready.reply, b.reply),
+            reply_parts = COALESCE(ready.reply_parts, b.reply_parts),
+            agent_started_at = COALESCE(ready.agent_started_at, b.agent_started_at),
+            agent_finished_at = CASE WHEN ready.reply IS NOT NULL THEN now() ELSE b.agent_finished_at END,
+            finished_at = NULL
+        FROM ready
+        WHERE b.id = ready.burst_id
+        RETURNING ready.position
+    ), covered AS (
+        UPDATE watibot.conversation AS c SET
+            lease_expires_at = now() + make_interval(secs => p_lease),
+            due_at = now() + make_interval(secs => p_lease)
+        FROM ready
+        WHERE c.channel = ready.channel AND c.customer = ready.customer
+          AND ready.lease_expires_at < now() + make_interval(secs => p_cover)
+    )
+    SELECT array_agg(marks.position) INTO marked FROM marks;
+
+    -- The rest, one by one: the claim was lost, the deadline passed, or part 1 found an operator's pause or the
+    -- session window closed.
+    FOR r IN
+        SELECT i.*, c.channel AS held, c.paused_until, c.answered_position, c.last_customer_message_at
+        FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters)
+            WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, position)
+        LEFT JOIN watibot.conversation AS c
+            ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
+           AND c.open_burst_id = i.burst_id
+        WHERE NOT i.position = ANY(COALESCE(marked, '{}'))
+        ORDER BY i.position
+    LOOP
+        k := r.position;
+        IF r.held IS NULL THEN
+            outcomes[k] := 'lost';
+            CONTINUE;
+        END IF;
+        IF clock_timestamp() > r.not_after THEN
+            -- the caller has given up and will not send: a mark now would make the next holder think a send
+            -- was in flight
+            outcomes[k] := 'late';
+            CONTINUE;
+        END IF;
+        closing := NULL;
+        IF r.paused_until > now() THEN
+            IF (SELECT x.after_position < r.answered_position FROM watibot.burst AS x WHERE x.id = r.burst_id) THEN
+                -- A replayed burst (behind the high-water mark): nothing else would answer its messages, so it
+                -- stays open for after the pause; this attempt does not count.
+                UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1,
+                    error = 'an operator wrote to the customer while the agent worked: reply not sent, retried '
+                            || 'after the pause'
+                WHERE id = r.burst_id;
+                waits[k] := watibot.release_claim(r.channel, r.customer, p_mode, p_window, p_max,
+                                                           p_due_at => r.paused_until);
+                outcomes[k] := 'paused';
+                CONTINUE;
+            END IF;
+            closing := 'superseded';
+        ELSE
+            closing := 'expired';
+        END IF;
+        UPDATE watibot.burst AS b SET
+            status = closing, sending_part = NULL,
+            prompt = COALESCE(p_prompts[k], b.prompt), reply = COALESCE(p_replies[k], b.reply),
+            reply_parts = COALESCE(p_reply_parts[k], b.reply_parts),
+            agent_started_at = COALESCE(p_agent_started_ats[k], b.agent_started_at),
+            agent_finished_at = CASE WHEN p_replies[k] IS NOT NULL THEN now() ELSE b.agent_finished_at END,
+            finished_at = now(),
+            error = CASE closing
+                WHEN 'superseded' THEN 'an operator wrote to the customer while the agent worked: reply not sent'
+                ELSE 'not sent: the customer''s latest message is older than WhatsApp''s '
+                     || trim_scale(round((p_session_window / 3600)::numeric, 2))
+                     || '-hour session window (a template is needed)' END
+        WHERE b.id = r.burst_id;
+        -- superseded: due when the pause ends; expired: its messages answered
+        waits[k] := watibot.release_claim(
+            r.channel, r.customer, p_mode, p_window, p_max,
+            p_due_at => CASE WHEN closing = 'superseded' THEN r.paused_until END, p_closed_burst => r.burst_id);
+        outcomes[k] := CASE WHEN closing = 'superseded' THEN 'paused' ELSE 'expired' END;
+    END LOOP;
+
     RETURN QUERY
-    SELECT s.* FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters,
-                           p_prompts, p_replies, p_reply_parts, p_agent_started_ats)
-        WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, prompt, reply, reply_parts,
-                             agent_started_at, position)
-    CROSS JOIN LATERAL watibot.mark_sending(
-        p_channel => i.channel, p_customer => i.customer, p_fence => i.fence, p_owner => i.owner,
-        p_burst_id => i.burst_id, p_part => i.part, p_not_after => i.not_after, p_lease => p_lease,
-        p_cover => p_cover, p_session_window => p_session_window, p_prompt => i.prompt, p_reply => i.reply,
-        p_reply_parts => i.reply_parts, p_agent_started_at => i.agent_started_at,
-        p_mode => p_mode, p_window => p_window, p_max => p_max) AS s
-    ORDER BY i.position;
+    SELECT COALESCE(outcomes[n], 'send'), waits[n] FROM generate_subscripts(p_channels, 1) AS n ORDER BY n;
 END $$;
+
+
+--
+-- Name: FUNCTION mark_sendings(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_parts integer[], p_not_afters timestamp with time zone[], p_prompts text[], p_replies text[], p_reply_parts integer[], p_agent_started_ats timestamp with time zone[], p_lease double precision, p_cover double precision, p_session_window double precision, p_mode text, p_window double precision, p_max double precision); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.mark_sendings(p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[], p_parts integer[], p_not_afters timestamp with time zone[], p_prompts text[], p_replies text[], p_reply_parts integer[], p_agent_started_ats timestamp with time zone[], p_lease double precision, p_cover double precision, p_session_window double precision, p_mode text, p_window double precision, p_max double precision) IS 'mark_sendings: before part p_parts[i] of each burst goes to WATI. Records the agent''s reply (the first time),
+marks the part in flight and makes sure the lease covers the send (p_cover seconds); one UPDATE for the batch''s
+ordinary marks, the rest one by one. Outcomes, in the order given:
+  send       marked: send it
+  late       the caller''s deadline (p_not_afters[i]) passed before this ran: nothing written (the caller has
+             given up and will not send, so a mark now would make the next holder think a send was in flight)
+  paused     part 1 only: an operator wrote meanwhile; the reply is discarded (superseded), released until
+             the pause ends (a replayed burst stays open instead, the attempt not counted)
+  expired    part 1 only: the customer''s last message is outside the session window; closed, not sent
+  lost       the fence no longer matches or the burst is not the open one: nothing changed';
 
 
 --

@@ -1,4 +1,4 @@
-"""Set-based steps: the claim begins the fresh burst, and a batch is finished and released by one statement each.
+"""Set-based steps: the claim begins the fresh burst; a batch is marked, finished and released by one statement each.
 
 Measured in bench/ (drain, pg_stat_statements with nested statements): a burst cost PostgreSQL ~0.8 ms, most of
 it the per-row PL/pgSQL of the batch wrappers (each row a chain of small statements, each with its own executor
@@ -16,9 +16,12 @@ start) and a second claim-time round trip. Now:
   rule) is still written once.
 - `watibot.finish_bursts` closes its batch with one UPDATE of the bursts and one `release_claims`, instead of a
   `finish_burst` call per row (dropped: only the batch wrapper called it).
+- `watibot.mark_sendings` makes the batch's ordinary marks (held, in time, and for part 1 neither paused nor
+  outside the session window) with one UPDATE of the bursts and one of the leases that need covering; the rest
+  (lost, late, paused, expired) are decided one by one in the same function. `mark_sending` is its one-row form.
 
 An expand migration: the functions code at 0007 calls keep their signatures and outcomes, so it keeps working.
-The downgrade puts 0007's `release_claim`, `finish_burst` and `finish_bursts` back (read from 0007's SQL).
+The downgrade puts 0007's `release_claim`, `finish_burst(s)` and `mark_sending(s)` back (read from 0007's SQL).
 
 Revision ID: 0008_set_based_steps
 Revises: 0007_burst_life
@@ -52,7 +55,8 @@ def _previous(name: str) -> str:
 
 
 def downgrade() -> None:
-    restored = ";\n".join(_previous(name) for name in ("release_claim", "finish_burst", "finish_bursts"))
+    restored = ";\n".join(_previous(name) for name in ("release_claim", "finish_burst", "finish_bursts",
+                                                        "mark_sending", "mark_sendings"))
     op.execute("""
     DELETE FROM watibot.schema_compatibility WHERE revision = '0008_set_based_steps';
     DROP FUNCTION watibot.claim_due(integer, text, float8, boolean);
@@ -60,5 +64,9 @@ def downgrade() -> None:
                                         text[], timestamptz[], text, float8, float8);
     DROP FUNCTION watibot.release_claim(text, text, text, float8, float8, timestamptz, bigint);
     DROP FUNCTION watibot.release_claims(text[], text[], bigint[], timestamptz[], text, float8, float8);
+    DROP FUNCTION watibot.mark_sendings(text[], text[], bigint[], text[], bigint[], integer[], timestamptz[], text[],
+                                        text[], integer[], timestamptz[], float8, float8, float8, text, float8, float8);
+    DROP FUNCTION watibot.mark_sending(text, text, bigint, text, bigint, integer, timestamptz, float8, float8, float8,
+                                       text, text, integer, timestamptz, text, float8, float8);
     """)
     op.execute(restored + ";")

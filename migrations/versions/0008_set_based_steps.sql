@@ -219,5 +219,162 @@ claims are released and the buffers scheduled (release_claims). held = false: th
 burst is not the open one, nothing was changed. One statement per step for the whole batch, after locking the
 conversations in key order.';
 
+-- == Mark: one set-based statement for a batch's ordinary marks (mark_sending is its one-row form) ============
+
+DROP FUNCTION watibot.mark_sendings(text[], text[], bigint[], text[], bigint[], integer[], timestamptz[], text[],
+                                    text[], integer[], timestamptz[], float8, float8, float8, text, float8, float8);
+DROP FUNCTION watibot.mark_sending(text, text, bigint, text, bigint, integer, timestamptz, float8, float8, float8,
+                                   text, text, integer, timestamptz, text, float8, float8);
+
+CREATE FUNCTION watibot.mark_sendings(
+    p_channels text[], p_customers text[], p_fences bigint[], p_owners text[], p_burst_ids bigint[],
+    p_parts integer[], p_not_afters timestamptz[], p_prompts text[], p_replies text[], p_reply_parts integer[],
+    p_agent_started_ats timestamptz[], p_lease float8, p_cover float8, p_session_window float8,
+    p_mode text, p_window float8, p_max float8)
+RETURNS TABLE (outcome text, wait_seconds float8)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    outcomes text[] := array_fill(NULL::text, ARRAY[cardinality(p_channels)]);
+    waits float8[] := array_fill(NULL::float8, ARRAY[cardinality(p_channels)]);
+    marked bigint[];
+    r record;
+    k integer;
+    closing text;
+BEGIN
+    PERFORM watibot.lock_conversations(p_channels, p_customers);
+
+    -- The ordinary mark, for the whole batch at once: the burst is still the open one under the caller's fence,
+    -- the caller's deadline has not passed, and (part 1 only) no operator wrote meanwhile and the customer's last
+    -- message is within the session window. The reply is recorded (the first time), the part marked in flight,
+    -- and the lease made to cover the send (p_cover seconds).
+    WITH i AS (
+        SELECT * FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters,
+                             p_prompts, p_replies, p_reply_parts, p_agent_started_ats)
+            WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, prompt, reply,
+                                 reply_parts, agent_started_at, position)
+    ), ready AS (
+        SELECT i.*, c.lease_expires_at
+        FROM i
+        JOIN watibot.conversation AS c
+            ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
+           AND c.open_burst_id = i.burst_id
+        WHERE clock_timestamp() <= i.not_after
+          AND (i.part > 0 OR (NOT COALESCE(c.paused_until > now(), false)
+                              AND watibot.in_session_window(c.last_customer_message_at, p_session_window)))
+    ), marks AS (
+        UPDATE watibot.burst AS b SET
+            status = 'sending', sending_part = ready.part,
+            prompt = COALESCE(ready.prompt, b.prompt), reply = COALESCE(ready.reply, b.reply),
+            reply_parts = COALESCE(ready.reply_parts, b.reply_parts),
+            agent_started_at = COALESCE(ready.agent_started_at, b.agent_started_at),
+            agent_finished_at = CASE WHEN ready.reply IS NOT NULL THEN now() ELSE b.agent_finished_at END,
+            finished_at = NULL
+        FROM ready
+        WHERE b.id = ready.burst_id
+        RETURNING ready.position
+    ), covered AS (
+        UPDATE watibot.conversation AS c SET
+            lease_expires_at = now() + make_interval(secs => p_lease),
+            due_at = now() + make_interval(secs => p_lease)
+        FROM ready
+        WHERE c.channel = ready.channel AND c.customer = ready.customer
+          AND ready.lease_expires_at < now() + make_interval(secs => p_cover)
+    )
+    SELECT array_agg(marks.position) INTO marked FROM marks;
+
+    -- The rest, one by one: the claim was lost, the deadline passed, or part 1 found an operator's pause or the
+    -- session window closed.
+    FOR r IN
+        SELECT i.*, c.channel AS held, c.paused_until, c.answered_position, c.last_customer_message_at
+        FROM unnest(p_channels, p_customers, p_fences, p_owners, p_burst_ids, p_parts, p_not_afters)
+            WITH ORDINALITY AS i(channel, customer, fence, owner, burst_id, part, not_after, position)
+        LEFT JOIN watibot.conversation AS c
+            ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
+           AND c.open_burst_id = i.burst_id
+        WHERE NOT i.position = ANY(COALESCE(marked, '{}'))
+        ORDER BY i.position
+    LOOP
+        k := r.position;
+        IF r.held IS NULL THEN
+            outcomes[k] := 'lost';
+            CONTINUE;
+        END IF;
+        IF clock_timestamp() > r.not_after THEN
+            -- the caller has given up and will not send: a mark now would make the next holder think a send
+            -- was in flight
+            outcomes[k] := 'late';
+            CONTINUE;
+        END IF;
+        closing := NULL;
+        IF r.paused_until > now() THEN
+            IF (SELECT x.after_position < r.answered_position FROM watibot.burst AS x WHERE x.id = r.burst_id) THEN
+                -- A replayed burst (behind the high-water mark): nothing else would answer its messages, so it
+                -- stays open for after the pause; this attempt does not count.
+                UPDATE watibot.burst SET status = 'retry', attempts = attempts - 1,
+                    error = 'an operator wrote to the customer while the agent worked: reply not sent, retried '
+                            || 'after the pause'
+                WHERE id = r.burst_id;
+                waits[k] := watibot.release_claim(r.channel, r.customer, p_mode, p_window, p_max,
+                                                           p_due_at => r.paused_until);
+                outcomes[k] := 'paused';
+                CONTINUE;
+            END IF;
+            closing := 'superseded';
+        ELSE
+            closing := 'expired';
+        END IF;
+        UPDATE watibot.burst AS b SET
+            status = closing, sending_part = NULL,
+            prompt = COALESCE(p_prompts[k], b.prompt), reply = COALESCE(p_replies[k], b.reply),
+            reply_parts = COALESCE(p_reply_parts[k], b.reply_parts),
+            agent_started_at = COALESCE(p_agent_started_ats[k], b.agent_started_at),
+            agent_finished_at = CASE WHEN p_replies[k] IS NOT NULL THEN now() ELSE b.agent_finished_at END,
+            finished_at = now(),
+            error = CASE closing
+                WHEN 'superseded' THEN 'an operator wrote to the customer while the agent worked: reply not sent'
+                ELSE 'not sent: the customer''s latest message is older than WhatsApp''s '
+                     || trim_scale(round((p_session_window / 3600)::numeric, 2))
+                     || '-hour session window (a template is needed)' END
+        WHERE b.id = r.burst_id;
+        -- superseded: due when the pause ends; expired: its messages answered
+        waits[k] := watibot.release_claim(
+            r.channel, r.customer, p_mode, p_window, p_max,
+            p_due_at => CASE WHEN closing = 'superseded' THEN r.paused_until END, p_closed_burst => r.burst_id);
+        outcomes[k] := CASE WHEN closing = 'superseded' THEN 'paused' ELSE 'expired' END;
+    END LOOP;
+
+    RETURN QUERY
+    SELECT COALESCE(outcomes[n], 'send'), waits[n] FROM generate_subscripts(p_channels, 1) AS n ORDER BY n;
+END $$;
+COMMENT ON FUNCTION watibot.mark_sendings IS
+    'mark_sendings: before part p_parts[i] of each burst goes to WATI. Records the agent''s reply (the first time),
+marks the part in flight and makes sure the lease covers the send (p_cover seconds); one UPDATE for the batch''s
+ordinary marks, the rest one by one. Outcomes, in the order given:
+  send       marked: send it
+  late       the caller''s deadline (p_not_afters[i]) passed before this ran: nothing written (the caller has
+             given up and will not send, so a mark now would make the next holder think a send was in flight)
+  paused     part 1 only: an operator wrote meanwhile; the reply is discarded (superseded), released until
+             the pause ends (a replayed burst stays open instead, the attempt not counted)
+  expired    part 1 only: the customer''s last message is outside the session window; closed, not sent
+  lost       the fence no longer matches or the burst is not the open one: nothing changed';
+
+CREATE FUNCTION watibot.mark_sending(
+    p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_part integer,
+    p_not_after timestamptz, p_lease float8, p_cover float8, p_session_window float8,
+    p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamptz,
+    p_mode text, p_window float8, p_max float8,
+    OUT outcome text, OUT wait_seconds float8)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT m.outcome, m.wait_seconds INTO outcome, wait_seconds
+    FROM watibot.mark_sendings(
+        ARRAY[p_channel], ARRAY[p_customer], ARRAY[p_fence], ARRAY[p_owner], ARRAY[p_burst_id], ARRAY[p_part],
+        ARRAY[p_not_after], ARRAY[p_prompt], ARRAY[p_reply], ARRAY[p_reply_parts], ARRAY[p_agent_started_at],
+        p_lease => p_lease, p_cover => p_cover, p_session_window => p_session_window, p_mode => p_mode,
+        p_window => p_window, p_max => p_max) AS m;
+END $$;
+COMMENT ON FUNCTION watibot.mark_sending IS 'mark_sendings for one burst (see there for the outcomes).';
+
 INSERT INTO watibot.schema_compatibility (revision, position, oldest_code_revision)
 VALUES ('0008_set_based_steps', 8, '0007_burst_life');
