@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -225,8 +226,14 @@ def _delivery_update(event_type: str, body: dict[str, Any]) -> DeliveryUpdate | 
 
 def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | DeliveryUpdate | OtherEvent:
     """Classify a decoded webhook body: a customer message to buffer, an operator's message, a delivery report
-    on one of our replies, or another event to acknowledge."""
+    on one of our replies, or another event to acknowledge.
+
+    A body with `waId` and `text` and no `eventType` is the old system's form of a customer's text message; with
+    no `whatsappMessageId` or `id` it gets a generated one, so a repeated POST of it is stored twice."""
     event_type = body.get("eventType")
+    legacy = event_type is None and "waId" in body and "text" in body
+    if legacy:  # the old system's form: {"waId", "text"} is a customer's text message
+        event_type = "message"
     if not isinstance(event_type, str) or not event_type:
         raise PayloadError("missing field 'eventType'")
     owner = body.get("owner", False)
@@ -244,6 +251,9 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
         return OtherEvent(event_type)
 
     provider_message_id = _optional_string(body, "whatsappMessageId") or _optional_string(body, "id")
+    if provider_message_id is None and legacy:
+        # The old form carries no message id: each POST is a new message (a repeated POST cannot be recognised).
+        provider_message_id = f"legacy.{uuid.uuid4().hex}"
     if provider_message_id is None:
         raise PayloadError("missing field 'whatsappMessageId' (and no 'id' to fall back on)")
     customer, wa_id = _customer_key(body)
@@ -253,6 +263,8 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
     text = body.get("text")
     if text is not None and not isinstance(text, str):
         raise PayloadError("field 'text' must be a string or null")
+    if message_type == "text" and (text is None or not text.strip()):
+        raise PayloadError("field 'text' is missing or empty in a text message: there is nothing to answer")
     channel = _optional_string(body, "channelPhoneNumber") or ""
     return CustomerMessage(
         channel=channel,

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         description="/healthz fails when a background loop (claim loop, heartbeat) has not completed an "
         "iteration for this long: the process is wedged and should be restarted.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log one info line per HTTP request: method, path, status and milliseconds (never the query "
+        "string, where the webhook's passkey travels).",
+    )
     log_level: str = "info"
     log_format: LogFormat = Field(default=LogFormat.TEXT, description="text (readable) or json (one object a line).")
 
