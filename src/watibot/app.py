@@ -29,13 +29,15 @@ log = logging.getLogger("watibot.app")
 PASSKEY_SECRET = "webhook_passkey"  # noqa: S105 - the name of the stored secret, not a secret
 
 
-async def resolve_passkey(settings: Settings, instance: InstanceStore) -> bytes:
-    """The configured passkey, or the one generated on first start and kept in the database."""
+async def resolve_passkey(settings: Settings, instance: InstanceStore, *, warn: bool = True) -> bytes:
+    """The configured passkey, or the one generated on first start and kept in the database (a worker warns
+    about that; `watibot webhook-url`, which prints it, passes `warn=False`)."""
     if settings.webhook_passkey is not None:
         return settings.webhook_passkey.get_secret_value().encode()
     value = await instance.get_or_create_secret(PASSKEY_SECRET, secrets.token_urlsafe(32))
-    log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
-                "(`watibot webhook-url` prints the URL to give WATI)")
+    if warn:
+        log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
+                    "(`watibot webhook-url` prints the URL to give WATI)")
     return value.encode()
 
 
