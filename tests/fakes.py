@@ -131,6 +131,7 @@ class FakeWati(FakeHttpServer):
                     "wa_id": request["path"].rsplit("/", 1)[-1],
                     "text": request["query"].get("messageText"),
                     "local_message_id": request["query"].get("localMessageId"),
+                    "channel": request["query"].get("channelPhoneNumber"),
                 }
                 for request in self.requests
                 if request["status"] == 200

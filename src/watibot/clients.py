@@ -97,8 +97,9 @@ class WatiClient:
         self.token = settings.wati_api_token.get_secret_value()
         self.session = session
 
-    async def send_text(self, wa_id: str, text: str, local_message_id: str) -> None:
-        """Send one text message (at most 4096 characters); raises `SendRejected` or `SendUnknown`.
+    async def send_text(self, wa_id: str, text: str, local_message_id: str, channel: str = "") -> None:
+        """Send one text message (at most 4096 characters) from `channel`, the number the conversation belongs
+        to (WATI's default number when empty); raises `SendRejected` or `SendUnknown`.
 
         Only a failure to connect means "not sent". A timeout or broken connection once connected means the
         request may have reached WATI: unknown, never retried automatically.
@@ -107,10 +108,13 @@ class WatiClient:
             raise SendRejected("WATIBOT_WATI_API_URL is not set: reply not sent", permanent=True)
         # The target is one escaped path segment: a bsuid is customer-controlled text ("../", "?", "#").
         url = f"{self.base_url}/api/v1/sendSessionMessage/{quote(wa_id, safe='')}"
+        params = {"messageText": text, "localMessageId": local_message_id}
+        if channel:
+            params["channelPhoneNumber"] = channel
         try:
             async with self.session.post(
                 url,
-                params={"messageText": text, "localMessageId": local_message_id},
+                params=params,
                 headers={"Authorization": f"Bearer {self.token}"},
             ) as response:
                 status = response.status

@@ -135,7 +135,8 @@ class Pipeline:
                     return
                 # SendRejected (certainly not sent) propagates: fail_burst clears the mark
                 await self.wati.send_text(
-                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
+                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts)),
+                    channel=claim.channel,  # the number the customer wrote to, not the account's default
                 )
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
                 # database outage, or a taker would have to treat the send as unknown.
