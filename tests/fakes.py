@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,11 +72,12 @@ class FakeHttpServer:
                     answer.hang_until.wait(60)
                 if answer.delay:
                     time.sleep(answer.delay)
+                body = answer.body(request) if callable(answer.body) else answer.body
                 with fake._condition:
                     request["status"] = answer.status
+                    request["response"] = body
                     fake.requests.append(request)
                     fake._condition.notify_all()
-                body = answer.body(request) if callable(answer.body) else answer.body
                 payload = json.dumps(body if body is not None else {"result": True}).encode()
                 try:
                     self.send_response(answer.status)
@@ -115,30 +117,65 @@ class FakeHttpServer:
 
 
 class FakeWati(FakeHttpServer):
-    """WATI's v1 sendSessionMessage endpoint. `sent` lists the accepted messages."""
+    """WATI's send APIs as its documentation describes them: v1 `POST /{tenant}/api/v1/sendSessionMessage/{target}`
+    (text, localMessageId and channelPhoneNumber in the query) and V3 `POST /api/ext/v3/conversations/messages/text`
+    (JSON `{"target", "text"}`, `target` a phone or `channel:phone`; answers the message with its `id` and
+    `local_message_id`, and 409 when the contact has several open conversations and no channel is named).
+    `sent` lists the messages WATI accepted, by either API."""
 
     TENANT = "1234"
+    V3_SEND = "/api/ext/v3/conversations/messages/text"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.several_open: set[str] = set()  # contacts with open conversations on several of our numbers
+        self.default = self.answer
 
     @property
     def api_url(self) -> str:
         return f"{self.url}/{self.TENANT}"
 
+    def answer(self, request: dict[str, Any]) -> Answer:
+        """WATI's answer to a send the test did not script."""
+        if request["path"] != self.V3_SEND:
+            return Answer(body={"result": True, "info": "Message sent"})
+        target = request["json"]["target"]
+        if ":" not in target and target in self.several_open:
+            return Answer(409, {"error": "The contact has more than one open conversation: use channel:phone"})
+        return Answer(body=lambda request: {"message": {"id": uuid.uuid4().hex[:24],
+                                                        "local_message_id": str(uuid.uuid4()),
+                                                        "text": request["json"]["text"]}})
+
+    @staticmethod
+    def accepted(request: dict[str, Any]) -> bool:
+        """WATI took the message: a 200 whose body is not `"result": false`."""
+        response = request.get("response")
+        return request["status"] == 200 and not (isinstance(response, dict) and response.get("result") is False)
+
     @property
     def sent(self) -> list[dict[str, Any]]:
         with self._condition:
-            return [
-                {
-                    "wa_id": request["path"].rsplit("/", 1)[-1],
-                    "text": request["query"].get("messageText"),
-                    "local_message_id": request["query"].get("localMessageId"),
-                    "channel": request["query"].get("channelPhoneNumber"),
-                }
-                for request in self.requests
-                if request["status"] == 200
-            ]
+            return [self._message(request) for request in self.requests if self.accepted(request)]
+
+    def _message(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["path"] == self.V3_SEND:
+            target = request["json"]["target"]
+            channel, _, wa_id = target.rpartition(":")
+            message = (request.get("response") or {}).get("message") or {}
+            return {"api": "v3", "wa_id": wa_id, "channel": channel or None, "text": request["json"]["text"],
+                    "local_message_id": None, "ids": [message[key] for key in ("id", "local_message_id")
+                                                      if key in message]}
+        return {
+            "api": "v1",
+            "wa_id": request["path"].rsplit("/", 1)[-1],
+            "text": request["query"].get("messageText"),
+            "local_message_id": request["query"].get("localMessageId"),
+            "channel": request["query"].get("channelPhoneNumber"),
+            "ids": [],
+        }
 
     def wait_for_sent(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        self.wait_for(lambda requests: sum(1 for r in requests if r["status"] == 200) >= count, timeout)
+        self.wait_for(lambda requests: sum(1 for r in requests if self.accepted(r)) >= count, timeout)
         return self.sent
 
 

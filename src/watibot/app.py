@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sweeper = None
         if active.sweeper:
             wati = TimedWatiClient(active, wati_http)
-            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati)
+            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati,
+                                record_wati_ids=stores.ingest.record_wati_ids)
             app.state.sweeper = Sweeper(active, stores.claims, stores.instance, pipeline,
                                         new_owner_id(active.host_name))
             set_worker(app.state.sweeper.owner)

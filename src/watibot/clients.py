@@ -1,18 +1,20 @@
 """Outbound HTTP: the client factory and the WATI send API (agents live in `watibot.agents`).
 
 Every failure is classified where it happens, because the pipeline's choices hang on it:
-- `SendRejected`: WATI certainly did not accept the message (connection refused, an error status) — safe to
-  retry (or permanent, for 4xx other than 408/429);
-- `SendUnknown`: the request may have reached WATI (timeout or broken connection after it left) — never
-  re-sent automatically.
+- `SendRejected`: WATI certainly did not accept the message (connection refused, an error status, a 2xx whose
+  body says `"result": false`) — safe to retry (or permanent, for 4xx other than 408/429 and WATI's refusals);
+- `SendUnknown`: the request may have reached WATI (timeout or broken connection after it left, a V3 2xx
+  without a message id) — never re-sent automatically.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -89,51 +91,97 @@ def describe_status(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
 
 
+def wati_v3_host(api_url: str) -> str:
+    """The V3 base from `WATIBOT_WATI_API_URL`: V3 paths carry no tenant id, so a last path segment of digits
+    (the tenant id of a v1 URL, https://live-mt-server.wati.io/123456) is dropped."""
+    split = urlsplit(api_url.rstrip("/"))
+    head, _, last = split.path.rpartition("/")
+    path = head if last.isdigit() else split.path
+    return urlunsplit((split.scheme, split.netloc, path, "", "")).rstrip("/")
+
+
 class WatiClient:
-    """Sends session messages through WATI's v1 API."""
+    """Sends session messages through WATI's v1 API (`sendSessionMessage`, the default) or its V3 API
+    (`POST /api/ext/v3/conversations/messages/text`), as `WATIBOT_WATI_API` says."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
-        self.base_url = settings.wati_api_url.rstrip("/") if settings.wati_api_url else None
+        self.api = settings.wati_api
+        url = settings.wati_api_url
+        self.base_url = None if not url else url.rstrip("/") if self.api == "v1" else wati_v3_host(url)
         self.token = settings.wati_api_token.get_secret_value()
         self.session = session
 
-    async def send_text(self, wa_id: str, text: str, local_message_id: str, channel: str = "") -> None:
+    async def send_text(self, wa_id: str, text: str, local_message_id: str, channel: str = "") -> tuple[str, ...]:
         """Send one text message (at most 4096 characters) from `channel`, the number the conversation belongs
-        to (WATI's default number when empty); raises `SendRejected` or `SendUnknown`.
+        to (WATI's default number when empty); returns the ids WATI gave the message (V3; none for v1, whose
+        reports carry our `local_message_id`). Raises `SendRejected` or `SendUnknown`.
 
-        Only a failure to connect means "not sent". A timeout or broken connection once connected means the
-        request may have reached WATI: unknown, never retried automatically.
+        Only a failure to connect, an error status or WATI's own refusal (`"result": false`) means "not sent". A
+        timeout or broken connection once connected means the request may have reached WATI, and so does a V3
+        acceptance without a message id: unknown, never retried automatically.
         """
         if self.base_url is None:
             raise SendRejected("WATIBOT_WATI_API_URL is not set: reply not sent", permanent=True)
-        # The target is one escaped path segment: a bsuid is customer-controlled text ("../", "?", "#").
-        url = f"{self.base_url}/api/v1/sendSessionMessage/{quote(wa_id, safe='')}"
-        params = {"messageText": text, "localMessageId": local_message_id}
-        if channel:
-            params["channelPhoneNumber"] = channel
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if self.api == "v3":
+            # The target names the channel: a contact with open conversations on several numbers gets 409 otherwise.
+            target = f"{channel}:{wa_id}" if channel else wa_id
+            request = self.session.post(f"{self.base_url}/api/ext/v3/conversations/messages/text",
+                                        json={"target": target, "text": text}, headers=headers)
+        else:
+            # The target is one escaped path segment: a bsuid is customer-controlled text ("../", "?", "#").
+            params = {"messageText": text, "localMessageId": local_message_id}
+            if channel:
+                params["channelPhoneNumber"] = channel
+            request = self.session.post(f"{self.base_url}/api/v1/sendSessionMessage/{quote(wa_id, safe='')}",
+                                        params=params, headers=headers)
+        body: Any = None
         try:
-            async with self.session.post(
-                url,
-                params=params,
-                headers={"Authorization": f"Bearer {self.token}"},
-            ) as response:
+            async with request as response:
                 status = response.status
                 if 200 <= status < 300:
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        await response.read()  # lets the connection be reused; the send is accepted either way
-                    return
-                body = await response.text(errors="replace")
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                    try:
+                        body = json.loads(await response.read())
+                    except (aiohttp.ClientError, TimeoutError, ValueError):
+                        body = None  # v1: accepted all the same; V3: no message id, so unknown (below)
+                    retry_after = None
+                else:
+                    text_body = await response.text(errors="replace")
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise SendRejected(f"WATI not reachable: {type(error).__name__}", permanent=False) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise SendUnknown(f"WATI send outcome unknown: {type(error).__name__}") from None
-        snippet = body[:200].replace("\n", " ")
+        if 200 <= status < 300:
+            return self._accepted(status, body)
+        snippet = text_body[:200].replace("\n", " ")
+        if status == HTTPStatus.CONFLICT and self.api == "v3":
+            why = ("the channel named did not settle it" if channel
+                   else "the message named no channel (its webhook had no channelPhoneNumber)")
+            raise SendRejected(f"WATI answered HTTP 409: the contact has several open conversations and {why}"
+                               + (f": {snippet}" if snippet else ""), permanent=True)
         transient = status >= 500 or status in TRANSIENT_STATUS
         raise SendRejected(
             f"WATI answered HTTP {status}" + (f": {snippet}" if snippet else ""),
             permanent=not transient, retry_after=retry_after,
         )
+
+    def _accepted(self, status: int, body: Any) -> tuple[str, ...]:
+        """What a 2xx means: WATI's refusal (`"result": false`, permanent, its `info` the reason), or the ids of
+        the accepted message (V3: none is an unknown outcome)."""
+        if isinstance(body, dict) and body.get("result") is False:
+            info = body.get("info") or body.get("error") or body.get("message") or "no reason given"
+            raise SendRejected(f"WATI refused the message (HTTP {status}, result false): {str(info)[:200]}",
+                               permanent=True)
+        if self.api == "v1":
+            return ()
+        message = body.get("message") if isinstance(body, dict) else None
+        ids = tuple(dict.fromkeys(
+            str(message[key]) for key in ("id", "local_message_id", "whatsapp_message_id")
+            if isinstance(message, dict) and isinstance(message.get(key), str | int) and str(message[key])))
+        if not ids:
+            raise SendUnknown(f"WATI answered HTTP {status} without a message id: outcome unknown")
+        return ids
 
 
 def split_text(text: str, limit: int = WATI_MAX_TEXT) -> list[str]:

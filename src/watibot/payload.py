@@ -62,18 +62,21 @@ class OperatorMessage:
     customer: str
     wa_id: str | None
     our_burst_id: int | None  # set when localMessageId names one of our bursts
+    wati_ids: tuple[str, ...] = ()  # its ids, which name one of our V3 sends when watibot.wati_message has one
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryUpdate:
-    """WATI's report on a reply we sent (recognised by our localMessageId), naming the customer it went to."""
+    """WATI's report on a reply we sent (recognised by our localMessageId, or for a V3 send by the ids WATI
+    returned, kept in watibot.wati_message), naming the customer it went to."""
 
-    burst_id: int
+    burst_id: int | None  # None: look the burst up by wati_ids
     state: str  # delivered | read | replied | failed
     error: str | None
     customer: str  # bsuid or waId: the report moves the burst only if it belongs to this customer
     wa_id: str | None
     channel: str | None  # the number it was sent from, when the report says
+    wati_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,13 +218,20 @@ def _delivery_update(event_type: str, body: dict[str, Any]) -> DeliveryUpdate | 
     is could not be checked: anyone can post a localMessageId)."""
     burst_id = our_burst_id(body.get("localMessageId"))
     customer, wa_id = _customer_key(body)
-    if burst_id is None or customer is None:
+    ids = () if burst_id is not None else _wati_ids(body)
+    if (burst_id is None and not ids) or customer is None:
         return OtherEvent(event_type)
     error = None
     if DELIVERY_EVENTS[event_type] == "failed":
         error = f"{body.get('failedCode')}: {body.get('failedDetail')}"[:1000]
     return DeliveryUpdate(burst_id, DELIVERY_EVENTS[event_type], error, customer, wa_id,
-                          _optional_string(body, "channelPhoneNumber"))
+                          _optional_string(body, "channelPhoneNumber"), ids)
+
+
+def _wati_ids(body: dict[str, Any]) -> tuple[str, ...]:
+    """The ids by which an event about one of our messages may name it: those a V3 send returns."""
+    ids = (_optional_string(body, field) for field in ("localMessageId", "id", "whatsappMessageId"))
+    return tuple(dict.fromkeys(value for value in ids if value))
 
 
 def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | DeliveryUpdate | OtherEvent:
@@ -246,7 +256,8 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
         if customer is None:
             return OtherEvent(event_type)
         channel = _optional_string(body, "channelPhoneNumber") or ""
-        return OperatorMessage(channel, customer, wa_id, our_burst_id(body.get("localMessageId")))
+        ours = our_burst_id(body.get("localMessageId"))
+        return OperatorMessage(channel, customer, wa_id, ours, () if ours is not None else _wati_ids(body))
     if event_type not in CUSTOMER_EVENTS:
         return OtherEvent(event_type)
 

@@ -46,9 +46,11 @@ class Pipeline:
     def __init__(
         self, settings: Settings, bursts: BurstStore, agent: Agent, wati: WatiClient,
         schedule_hint: Callable[[float | None], None] = lambda wait: None,
+        record_wati_ids: Callable[[int, int, tuple[str, ...]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.bursts = bursts
+        self.record_wati_ids = record_wati_ids  # IngestStore.record_wati_ids in the service
         self.agent = agent
         self.wati = wati
         self.schedule_hint = schedule_hint
@@ -134,12 +136,15 @@ class Pipeline:
                     self.schedule_hint(closed.wait_seconds)
                     return
                 # SendRejected (certainly not sent) propagates: fail_burst clears the mark
-                await self.wati.send_text(
+                wati_ids = await self.wati.send_text(
                     claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts)),
                     channel=claim.channel,  # the number the customer wrote to, not the account's default
                 )
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
-                # database outage, or a taker would have to treat the send as unknown.
+                # database outage, or a taker would have to treat the send as unknown. WATI's ids for it (V3)
+                # first, so that a report or echo arriving once the part is recorded finds the burst.
+                if wati_ids and self.record_wati_ids is not None:
+                    await self._persist(functools.partial(self.record_wati_ids, burst.id, part, wati_ids))
                 if part < last:
                     await self._persist(functools.partial(self.bursts.part_sent, claim, burst, part))
                     continue

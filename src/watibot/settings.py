@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="WATI API base including the tenant id, e.g. https://live-mt-server.wati.io/123456. "
         "Unset: replies are recorded but not sent (bursts end dead, saying so).",
     )
+    wati_api: Literal["v1", "v3"] = Field(
+        default="v1",
+        description="WATI's send API: v1 (sendSessionMessage, the default: what existing accounts use) or v3 "
+        "(POST /api/ext/v3/conversations/messages/text, JSON; WATI_API_URL's tenant id is dropped).",
+    )
     wati_api_token: SecretStr = SecretStr("")
     wati_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=DEFAULT_WATI_TIMEOUT_SECONDS,

@@ -89,11 +89,12 @@ ORDER BY input.position
 # An operator wrote to the customer: pause the bot for the conversation, and count the messages stored so far
 # as answered by a human (human_position). A conversation that is buffering is pushed to the end of the pause; a
 # claimed one finds the pause when it begins a burst or marks its first part. Our own replies come back as
-# operator messages too ($5 names the burst): they are ignored.
+# operator messages too ($5 names the burst, or for a V3 send one of $6 is an id WATI returned): they are ignored.
 OPERATOR_MESSAGE = """
 INSERT INTO watibot.conversation AS c (channel, customer, wa_id, paused_until, human_message_at, human_position)
 SELECT $1, $2, $3, now() + make_interval(secs => $4), now(), 0
 WHERE NOT EXISTS (SELECT 1 FROM watibot.burst WHERE id = $5)
+  AND NOT EXISTS (SELECT 1 FROM watibot.wati_message WHERE wati_message_id = ANY($6::text[]))
 ON CONFLICT (channel, customer) DO UPDATE SET
     paused_until = GREATEST(c.paused_until, EXCLUDED.paused_until),
     human_message_at = EXCLUDED.human_message_at,
@@ -122,12 +123,22 @@ UPDATE watibot.burst AS b SET
                  THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE($3, '-')
                  ELSE b.error END
 FROM watibot.conversation AS c
-WHERE b.id = $1
+-- our localMessageId names the burst; a V3 send is found by the ids WATI returned for it
+WHERE b.id = COALESCE($1::bigint, (SELECT m.burst_id FROM watibot.wati_message AS m
+                                   WHERE m.wati_message_id = ANY($7::text[]) LIMIT 1))
   -- only the burst of the customer (and channel) the report names: anyone can post a localMessageId
   AND c.channel = b.channel AND c.customer = b.customer
   AND (c.customer = $4 OR c.wa_id = $5)
   AND ($6::text IS NULL OR b.channel = $6)
 RETURNING b.id
+"""
+
+# The ids WATI's V3 API returned for one part we sent (its id, its own local_message_id). Written by the worker
+# that sent it before the part's outcome is recorded, so a report arriving after that finds the burst.
+RECORD_WATI_IDS = """
+INSERT INTO watibot.wati_message (wati_message_id, burst_id, part)
+SELECT id, $1, $2 FROM unnest($3::text[]) AS id
+ON CONFLICT (wati_message_id) DO NOTHING
 """
 
 
@@ -191,13 +202,18 @@ class IngestStore:
         async with connection(self.pool, self.timeout) as conn:
             row = await conn.fetchval(
                 OPERATOR_MESSAGE, event.channel, event.customer, event.wa_id, self.settings.human_pause_seconds,
-                event.our_burst_id,
+                event.our_burst_id, list(event.wati_ids),
             )
         return row is not None
+
+    async def record_wati_ids(self, burst_id: int, part: int, wati_ids: tuple[str, ...]) -> None:
+        """Keep the ids WATI returned for a part we sent (V3), so that its reports and echoes find the burst."""
+        async with connection(self.pool, self.timeout) as conn:
+            await conn.execute(RECORD_WATI_IDS, burst_id, part, list(wati_ids))
 
     async def delivery_update(self, event: DeliveryUpdate) -> bool:
         """Record WATI's delivery report on one of our bursts; False when no such burst exists."""
         async with connection(self.pool, self.timeout) as conn:
             row = await conn.fetchval(DELIVERY_UPDATE, event.burst_id, event.state, event.error, event.customer,
-                                      event.wa_id, event.channel)
+                                      event.wa_id, event.channel, list(event.wati_ids))
         return row is not None
