@@ -85,16 +85,20 @@ def test_v3_reports_and_echoes_find_the_burst_through_the_recorded_ids(
     assert app.post(stranger).json() == {"status": "ignored"}
 
 
+@pytest.mark.parametrize(("reconcile", "status"), [(0, "attention"), (0.5, "sent")])
 def test_v3_acceptance_without_a_message_id_is_an_unknown_outcome_never_resent(
-    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql, reconcile: float,
+    status: str,
 ) -> None:
-    """A V3 2xx that names no message id may or may not have been taken: the burst needs attention, one send."""
+    """A V3 2xx that names no message id may or may not have been taken: unknown, never sent again — attention
+    without reconciliation, sent once WATI's history shows the message."""
     fake_wati.script.append(Answer(200, {"result": True}))
-    app = run_app(app_settings(database_url, fake_wati, wati_api="v3"))
+    app = run_app(app_settings(database_url, fake_wati, wati_api="v3", wati_reconcile_seconds=reconcile))
     app.post(customer_message(CUSTOMER, "hello", channelPhoneNumber=CHANNEL_A))
-    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("attention",)])
-    (error,) = sql("SELECT error FROM watibot.burst")[0]
-    assert "without a message id" in error
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [(status,)])
+    if status == "attention":
+        (error,) = sql("SELECT error FROM watibot.burst")[0]
+        assert "without a message id" in error
     assert len(fake_wati.requests) == 1
 
 

@@ -4,13 +4,14 @@ Every failure is classified where it happens, because the pipeline's choices han
 - `SendRejected`: WATI certainly did not accept the message (connection refused, an error status, a 2xx whose
   body says `"result": false`) — safe to retry (or permanent, for 4xx other than 408/429 and WATI's refusals);
 - `SendUnknown`: the request may have reached WATI (timeout or broken connection after it left, a V3 2xx
-  without a message id) — never re-sent automatically.
+  without a message id, a 502/503/504 from a gateway rather than WATI) — re-sent only when WATI's message
+  history shows it absent (`WatiClient.find_sent`, used by the pipeline).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
@@ -24,6 +25,9 @@ from watibot.settings import Settings
 
 WATI_MAX_TEXT = 4096
 TRANSIENT_STATUS = frozenset({408, 425, 429})
+GATEWAY_STATUS = frozenset({502, 503, 504})  # without WATI's own (JSON) error body: the outcome is unknown
+HISTORY_PAGE = 50  # the newest messages of a contact looked at when reconciling a send
+HISTORY_CLOCK_SLACK = timedelta(minutes=2)  # our clock and WATI's may differ
 
 
 def wati_session(timeout: float, limit: int) -> aiohttp.ClientSession:
@@ -84,6 +88,10 @@ class SendRejected(Exception):
 
 class SendUnknown(Exception):
     """The message may or may not have reached WATI."""
+
+
+class HistoryUnavailable(Exception):
+    """WATI's message history could not be read, so an unknown send stays unknown."""
 
 
 def describe_status(response: httpx.Response) -> str:
@@ -155,6 +163,10 @@ class WatiClient:
         if 200 <= status < 300:
             return self._accepted(status, body)
         snippet = text_body[:200].replace("\n", " ")
+        if status in GATEWAY_STATUS and not _json_object(text_body):
+            # A proxy's page, not WATI's error: the request may have reached WATI before the gateway gave up.
+            raise SendUnknown(f"WATI send outcome unknown: HTTP {status} from a gateway"
+                              + (f": {snippet[:80]}" if snippet else ""))
         if status == HTTPStatus.CONFLICT and self.api == "v3":
             why = ("the channel named did not settle it" if channel
                    else "the message named no channel (its webhook had no channelPhoneNumber)")
@@ -165,6 +177,54 @@ class WatiClient:
             f"WATI answered HTTP {status}" + (f": {snippet}" if snippet else ""),
             permanent=not transient, retry_after=retry_after,
         )
+
+    async def find_sent(self, wa_id: str, text: str, local_message_id: str, channel: str,
+                        since: datetime) -> tuple[str, ...] | None:
+        """Look for a message we sent in WATI's history of the contact (v1 `getMessages`, V3
+        `conversations/{target}/messages`): its WATI ids when it is there (possibly none), None when it is not.
+
+        Ours is the outbound message with our `localMessageId` (v1), or else the one with exactly this text
+        created since `since` (less two minutes for clocks that differ). Raises `HistoryUnavailable`.
+        """
+        if self.base_url is None:
+            raise HistoryUnavailable("WATIBOT_WATI_API_URL is not set")
+        if self.api == "v3":
+            target = f"{channel}:{wa_id}" if channel else wa_id
+            url = f"{self.base_url}/api/ext/v3/conversations/{quote(target, safe='')}/messages"
+            params = {"page_number": "1", "page_size": str(HISTORY_PAGE)}
+        else:
+            url = f"{self.base_url}/api/v1/getMessages/{quote(wa_id, safe='')}"
+            params = {"pageSize": str(HISTORY_PAGE), "pageNumber": "1"}
+        try:
+            async with self.session.get(url, params=params,
+                                        headers={"Authorization": f"Bearer {self.token}"}) as response:
+                status = response.status
+                raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise HistoryUnavailable(f"WATI's message history not reachable: {type(error).__name__}") from None
+        if not 200 <= status < 300:
+            raise HistoryUnavailable(f"WATI's message history answered HTTP {status}")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise HistoryUnavailable("WATI's message history is not JSON") from None
+        if isinstance(body, dict) and body.get("result") is False:
+            raise HistoryUnavailable(f"WATI's message history refused: {str(body.get('info'))[:200]}")
+        earliest = since - HISTORY_CLOCK_SLACK
+        for item in _history_items(body):
+            ids = tuple(str(item[key]) for key in ("id", "local_message_id", "localMessageId", "whatsappMessageId")
+                        if isinstance(item.get(key), str | int) and str(item[key]))
+            local = item.get("localMessageId", item.get("local_message_id"))
+            if self.api == "v1" and local:  # v1 sends carry ours: another id is another message
+                if local == local_message_id:
+                    return ids
+                continue
+            if item.get("owner", item.get("is_owner", True)) is False or item.get("text") != text:
+                continue
+            created = _instant(item.get("created", item.get("created_at", item.get("timestamp"))))
+            if created is None or created >= earliest:
+                return ids
+        return None
 
     def _accepted(self, status: int, body: Any) -> tuple[str, ...]:
         """What a 2xx means: WATI's refusal (`"result": false`, permanent, its `info` the reason), or the ids of
@@ -182,6 +242,40 @@ class WatiClient:
         if not ids:
             raise SendUnknown(f"WATI answered HTTP {status} without a message id: outcome unknown")
         return ids
+
+
+def _json_object(text: str) -> bool:
+    """Whether an error body is WATI's own (a JSON object) rather than a gateway's page."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _history_items(body: Any) -> list[dict[str, Any]]:
+    """The messages of a history answer, whichever envelope holds them (v1 `messages.items`, V3 a list under
+    `messages`, `items` or `data`)."""
+    found: Any = body
+    for _ in range(3):
+        if isinstance(found, list):
+            return [item for item in found if isinstance(item, dict)]
+        if not isinstance(found, dict):
+            return []
+        found = next((found[key] for key in ("messages", "items", "data") if key in found), None)
+    return []
+
+
+def _instant(value: Any) -> datetime | None:
+    """A history item's creation time (ISO 8601 or unix seconds), None when it has none readable."""
+    try:
+        if isinstance(value, int | float) or (isinstance(value, str) and value.isdigit()):
+            return datetime.fromtimestamp(float(value), UTC)
+        if isinstance(value, str) and value:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        return None
+    return None
 
 
 def split_text(text: str, limit: int = WATI_MAX_TEXT) -> list[str]:

@@ -8,11 +8,12 @@ import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from watibot import metrics
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
-from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
+from watibot.clients import HistoryUnavailable, SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
 from watibot.settings import Settings
@@ -136,10 +137,7 @@ class Pipeline:
                     self.schedule_hint(closed.wait_seconds)
                     return
                 # SendRejected (certainly not sent) propagates: fail_burst clears the mark
-                wati_ids = await self.wati.send_text(
-                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts)),
-                    channel=claim.channel,  # the number the customer wrote to, not the account's default
-                )
+                wati_ids = await self._send_part(claim, burst, parts[part], part, len(parts), context)
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
                 # database outage, or a taker would have to treat the send as unknown. WATI's ids for it (V3)
                 # first, so that a report or echo arriving once the part is recorded finds the burst.
@@ -152,6 +150,44 @@ class Pipeline:
                     self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
+
+    async def _send_part(self, claim: Claim, burst: Burst, text: str, part: int, parts: int,
+                         context: dict[str, object]) -> tuple[str, ...]:
+        """Send one part; WATI's ids for it. An unknown outcome is checked against WATI's message history
+        (reconciliation): there → sent; still absent after WATIBOT_WATI_RECONCILE_SECONDS → sent once more (once:
+        a second unknown outcome that is not found stays unknown); history unreadable → SendUnknown (attention).
+        Never two sends of one part without the history saying the first is absent."""
+        wa_id, local_id = claim.wa_id or claim.customer, local_message_id(burst.id, part, parts)
+        grace = self.settings.wati_reconcile_seconds
+        for attempt in (1, 2):
+            started = datetime.now(UTC)
+            try:
+                # the number the customer wrote to, not the account's default
+                return await self.wati.send_text(wa_id, text, local_id, channel=claim.channel)
+            except SendUnknown as error:
+                if grace <= 0:
+                    raise
+                log.warning("%s; looking for it in WATI's message history", error, extra=context)
+                found = await self._find_sent(wa_id, text, local_id, claim.channel, started, error)
+                if found is None:
+                    await asyncio.sleep(grace)  # WATI's history may lag behind its acceptance
+                    found = await self._find_sent(wa_id, text, local_id, claim.channel, started, error)
+                if found is not None:
+                    log.info("WATI's history has the message whose send outcome was unknown: recorded as sent",
+                             extra=context)
+                    return found
+                if attempt == 2:
+                    raise SendUnknown(f"{error} (a second time; the first was absent from WATI's history)") from None
+                log.warning("WATI's history does not have the message %g s after the unknown send: sending it "
+                            "once more", grace, extra=context)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _find_sent(self, wa_id: str, text: str, local_id: str, channel: str, since: datetime,
+                         error: SendUnknown) -> tuple[str, ...] | None:
+        try:
+            return await self.wati.find_sent(wa_id, text, local_id, channel, since)
+        except HistoryUnavailable as unavailable:
+            raise SendUnknown(f"{error}; {unavailable}") from None
 
     @contextlib.contextmanager
     def _part_in_flight(self) -> Iterator[None]:

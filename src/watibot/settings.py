@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         "(POST /api/ext/v3/conversations/messages/text, JSON; WATI_API_URL's tenant id is dropped).",
     )
     wati_api_token: SecretStr = SecretStr("")
+    wati_reconcile_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=10.0,
+        description="A send whose outcome is unknown is looked up in WATI's message history: found, it counts as "
+        "sent; still absent this many seconds later, it is sent once more. 0: no lookup (attention, as before).",
+    )
     wati_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=DEFAULT_WATI_TIMEOUT_SECONDS,
         description="One WATI send. Unset: the smaller of 15 s and half of LEASE_SECONDS (a send must finish "
