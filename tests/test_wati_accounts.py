@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -144,3 +145,25 @@ def test_v3_conflict_without_a_channel_is_dead_saying_why(
 def test_v3_host_is_derived_from_the_v1_url(api_url: str, host: str) -> None:
     """V3 paths carry no tenant id: a trailing tenant id (digits) is dropped from WATIBOT_WATI_API_URL."""
     assert wati_v3_host(api_url) == host
+
+
+def test_a_v3_echo_that_beats_the_recorded_ids_is_not_taken_for_an_operator(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
+) -> None:
+    """WATI's echo of our V3 reply arriving while the send is still in flight (its ids not recorded yet) is
+    recognised by its text and does not pause the bot; an operator's own text still does."""
+    release = threading.Event()
+    fake_wati.script.append(Answer(hang_until=release, body=lambda request: {"message": {"id": "w-1"}}))
+    app = run_app(app_settings(database_url, fake_wati, wati_api="v3"))
+    app.post(customer_message(CUSTOMER, "hello", channelPhoneNumber=CHANNEL_A))
+    (arrival,) = fake_wati.wait_for(lambda arrivals: len(arrivals) == 1, arrived=True)
+    echo = {"eventType": "sessionMessageSent_v2", "owner": True, "waId": CUSTOMER, "id": "not-recorded-yet",
+            "channelPhoneNumber": CHANNEL_A, "text": arrival["json"]["text"]}
+    try:
+        assert app.post(echo).json() == {"status": "ignored"}
+    finally:
+        release.set()
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)])
+    assert sql("SELECT paused_until FROM watibot.conversation") == [(None,)]
+    operator = {**echo, "id": "operator-1", "text": "Hi, this is Ana from the front desk"}
+    assert app.post(operator).json() == {"status": "paused"}

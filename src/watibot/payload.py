@@ -63,6 +63,7 @@ class OperatorMessage:
     wa_id: str | None
     our_burst_id: int | None  # set when localMessageId names one of our bursts
     wati_ids: tuple[str, ...] = ()  # its ids, which name one of our V3 sends when watibot.wati_message has one
+    text: str | None = None  # what was written: a V3 echo that beats the recording of its ids matches our reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,9 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
             return OtherEvent(event_type)
         channel = _optional_string(body, "channelPhoneNumber") or ""
         ours = our_burst_id(body.get("localMessageId"))
-        return OperatorMessage(channel, customer, wa_id, ours, () if ours is not None else _wati_ids(body))
+        text = body.get("text")
+        return OperatorMessage(channel, customer, wa_id, ours, () if ours is not None else _wati_ids(body),
+                               text if isinstance(text, str) and text.strip() else None)
     if event_type not in CUSTOMER_EVENTS:
         return OtherEvent(event_type)
 
