@@ -203,9 +203,15 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
 async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
     """Commit what the event means; returns the status to answer. Raises DatabaseError (not known to be stored)."""
     if isinstance(event, OperatorMessage):
-        return "paused" if await state.stores.ingest.operator_message(event) else "ignored"
+        if await state.stores.ingest.operator_message(event):
+            return "paused"
+        log.debug("ignored our own reply's echo for %s/%s", event.channel, event.customer)
+        return "ignored"
     if isinstance(event, DeliveryUpdate):
-        return "recorded" if await state.stores.ingest.delivery_update(event) else "ignored"
+        if await state.stores.ingest.delivery_update(event):
+            return "recorded"
+        log.debug("ignored a delivery report that names no burst of this customer's")
+        return "ignored"
     result = await state.stores.ingest.ingest(event)
     if result.duplicate:
         log.debug("duplicate delivery %s", event.provider_message_id)
