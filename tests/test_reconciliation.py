@@ -5,12 +5,16 @@ and then drop the connection, or answer a gateway's 502/504 after recording it."
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from tests.conftest import RunningApp, app_settings, customer_message, wait_until
 from tests.fakes import Answer, FakeWati
+from tests.test_claim import make_due, run
+from watibot.store import Stores
+from watibot.store.records import Burst, RecordedReply
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -120,3 +124,26 @@ def test_reconciliation_off_pages_as_before(
     app.post(customer_message(CUSTOMER, "hello", channelPhoneNumber=CHANNEL))
     assert final_status(sql) == "attention"
     assert fake_wati.history_requests == []
+
+
+def test_a_resend_is_allowed_only_to_the_holder_with_the_part_still_marked(database_url: str, sql: Sql) -> None:
+    """The check before a resend gives the lease left to the worker that holds the claim with the part marked,
+    and nothing once the claim moved on (another fence) or the mark was cleared."""
+    make_due(sql, 1)
+
+    async def scenario(stores: Stores) -> list[float | None]:
+        (claim,) = await stores.claims.claim_due("me", 10)
+        burst = await stores.bursts.begin(claim)
+        assert isinstance(burst, Burst)
+        reply = RecordedReply("m0", "hello", 1, burst.messages[0].received_at)
+        assert await stores.bursts.mark_sending(claim, burst, 0, reply) is None
+        held = await stores.sends.resend_lease_left(claim, burst.id, 0)
+        other_part = await stores.sends.resend_lease_left(claim, burst.id, 1)
+        stale = await stores.sends.resend_lease_left(replace(claim, fence=claim.fence - 1), burst.id, 0)
+        await stores.bursts.part_sent(claim, burst, 0)
+        cleared = await stores.sends.resend_lease_left(claim, burst.id, 0)
+        return [held, other_part, stale, cleared]
+
+    held, other_part, stale, cleared = run(database_url, scenario)
+    assert held is not None and 0 < held <= 5.0
+    assert (other_part, stale, cleared) == (None, None, None)

@@ -63,8 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sweeper = None
         if active.sweeper:
             wati = TimedWatiClient(active, wati_http)
-            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati,
-                                record_wati_ids=stores.ingest.record_wati_ids)
+            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati, sends=stores.sends)
             app.state.sweeper = Sweeper(active, stores.claims, stores.instance, pipeline,
                                         new_owner_id(active.host_name))
             set_worker(app.state.sweeper.owner)

@@ -17,7 +17,7 @@ from watibot.clients import HistoryUnavailable, SendRejected, SendUnknown, WatiC
 from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
 from watibot.settings import Settings
-from watibot.store import BurstStore
+from watibot.store import BurstStore, SendStore
 from watibot.store.records import BufferedMessage, Burst, BurstStatus, Claim, Closed, RecordedReply
 
 log = logging.getLogger("watibot.pipeline")
@@ -47,11 +47,11 @@ class Pipeline:
     def __init__(
         self, settings: Settings, bursts: BurstStore, agent: Agent, wati: WatiClient,
         schedule_hint: Callable[[float | None], None] = lambda wait: None,
-        record_wati_ids: Callable[[int, int, tuple[str, ...]], Awaitable[None]] | None = None,
+        sends: SendStore | None = None,
     ) -> None:
         self.settings = settings
         self.bursts = bursts
-        self.record_wati_ids = record_wati_ids  # IngestStore.record_wati_ids in the service
+        self.sends = sends  # WATI's ids (V3) and the check before a resend; None: neither (no reconciliation)
         self.agent = agent
         self.wati = wati
         self.schedule_hint = schedule_hint
@@ -141,8 +141,8 @@ class Pipeline:
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
                 # database outage, or a taker would have to treat the send as unknown. WATI's ids for it (V3)
                 # first, so that a report or echo arriving once the part is recorded finds the burst.
-                if wati_ids and self.record_wati_ids is not None:
-                    await self._persist(functools.partial(self.record_wati_ids, burst.id, part, wati_ids))
+                if wati_ids and self.sends is not None:
+                    await self._persist(functools.partial(self.sends.record_wati_ids, burst.id, part, wati_ids))
                 if part < last:
                     await self._persist(functools.partial(self.bursts.part_sent, claim, burst, part))
                     continue
@@ -155,7 +155,8 @@ class Pipeline:
                          context: dict[str, object]) -> tuple[str, ...]:
         """Send one part; WATI's ids for it. An unknown outcome is checked against WATI's message history
         (reconciliation): there → sent; still absent after WATIBOT_WATI_RECONCILE_SECONDS → sent once more (once:
-        a second unknown outcome that is not found stays unknown); history unreadable → SendUnknown (attention).
+        a second unknown outcome that is not found stays unknown), if the claim and its lease still cover a whole
+        send; history unreadable → SendUnknown (attention).
         Never two sends of one part without the history saying the first is absent."""
         wa_id, local_id = claim.wa_id or claim.customer, local_message_id(burst.id, part, parts)
         grace = self.settings.wati_reconcile_seconds
@@ -165,7 +166,7 @@ class Pipeline:
                 # the number the customer wrote to, not the account's default
                 return await self.wati.send_text(wa_id, text, local_id, channel=claim.channel)
             except SendUnknown as error:
-                if grace <= 0:
+                if grace <= 0 or self.sends is None:
                     raise
                 log.warning("%s; looking for it in WATI's message history", error, extra=context)
                 found = await self._find_sent(wa_id, text, local_id, claim.channel, started, error)
@@ -178,6 +179,12 @@ class Pipeline:
                     return found
                 if attempt == 2:
                     raise SendUnknown(f"{error} (a second time; the first was absent from WATI's history)") from None
+                # Only while this worker still holds the claim with the part marked, and with lease enough left for
+                # the whole send: a taker, which sees the mark and closes the burst as attention, waits for expiry.
+                left = await self.sends.resend_lease_left(claim, burst.id, part)
+                if left is None or left <= self.settings.wati_timeout_seconds + 1:
+                    raise SendUnknown(f"{error}; absent from WATI's history, but the claim or its lease no longer "
+                                      "covers a second send") from None
                 log.warning("WATI's history does not have the message %g s after the unknown send: sending it "
                             "once more", grace, extra=context)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -138,14 +138,6 @@ WHERE b.id = COALESCE($1::bigint, (SELECT m.burst_id FROM watibot.wati_message A
 RETURNING b.id
 """
 
-# The ids WATI's V3 API returned for one part we sent (its id, its own local_message_id). Written by the worker
-# that sent it before the part's outcome is recorded, so a report arriving after that finds the burst.
-RECORD_WATI_IDS = """
-INSERT INTO watibot.wati_message (wati_message_id, burst_id, part)
-SELECT id, $1, $2 FROM unnest($3::text[]) AS id
-ON CONFLICT (wati_message_id) DO NOTHING
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class _Ingest:
@@ -210,11 +202,6 @@ class IngestStore:
                 event.our_burst_id, list(event.wati_ids), event.text,
             )
         return row is not None
-
-    async def record_wati_ids(self, burst_id: int, part: int, wati_ids: tuple[str, ...]) -> None:
-        """Keep the ids WATI returned for a part we sent (V3), so that its reports and echoes find the burst."""
-        async with connection(self.pool, self.timeout) as conn:
-            await conn.execute(RECORD_WATI_IDS, burst_id, part, list(wati_ids))
 
     async def delivery_update(self, event: DeliveryUpdate) -> bool:
         """Record WATI's delivery report on one of our bursts; False when no such burst exists."""
