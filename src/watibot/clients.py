@@ -125,8 +125,9 @@ class WatiClient:
         reports carry our `local_message_id`). Raises `SendRejected` or `SendUnknown`.
 
         Only a failure to connect, an error status or WATI's own refusal (`"result": false`) means "not sent". A
-        timeout or broken connection once connected means the request may have reached WATI, and so does a V3
-        acceptance without a message id: unknown, never retried automatically.
+        timeout or broken connection once connected means the request may have reached WATI, and so do a V3
+        acceptance without a message id and a gateway's 502/503/504: unknown, never retried blindly (the pipeline
+        looks for it with `find_sent` first).
         """
         if self.base_url is None:
             raise SendRejected("WATIBOT_WATI_API_URL is not set: reply not sent", permanent=True)
