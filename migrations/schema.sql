@@ -65,6 +65,8 @@
 --   burst_conversation_idx ...... the agent's history, `watibot conversation`, message_outcome
 --   burst_problem_idx ........... watibot.dead, health's dead/attention counts
 --   burst_finished_idx .......... prune (oldest finished first), health's last hour
+--   wati_message_pkey ........... a V3 reply's delivery reports and echoes (the ids WATI returned for it)
+--   wati_message_burst_idx ...... prune (deleted with the burst, ON DELETE CASCADE)
 --
 -- ==== pg_dump below: regenerate with `python migrations/snapshot.py`, do not edit by hand ====
 
@@ -1736,6 +1738,54 @@ COMMENT ON COLUMN watibot.schema_compatibility.oldest_code_revision IS 'Code at 
 
 
 --
+-- Name: wati_message; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.wati_message (
+    wati_message_id text NOT NULL,
+    burst_id bigint NOT NULL,
+    part integer NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT wati_message_part_check CHECK ((part >= 0))
+);
+
+
+--
+-- Name: TABLE wati_message; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.wati_message IS 'An id WATI returned for a part we sent (V3 API): its reports and echoes carry it instead of our localMessageId. Deleted with its burst (watibot prune).';
+
+
+--
+-- Name: COLUMN wati_message.wati_message_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.wati_message.wati_message_id IS 'WATI''s message id or local_message_id, as its send answer gave it.';
+
+
+--
+-- Name: COLUMN wati_message.burst_id; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.wati_message.burst_id IS 'The burst whose reply the message carried.';
+
+
+--
+-- Name: COLUMN wati_message.part; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.wati_message.part IS 'Which part of the reply (0 = the first).';
+
+
+--
+-- Name: COLUMN wati_message.recorded_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.wati_message.recorded_at IS 'When WATI''s answer was recorded (database clock).';
+
+
+--
 -- Name: alembic_version alembic_version_pkc; Type: CONSTRAINT; Schema: watibot; Owner: -
 --
 
@@ -1808,6 +1858,14 @@ ALTER TABLE ONLY watibot.schema_compatibility
 
 
 --
+-- Name: wati_message wati_message_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.wati_message
+    ADD CONSTRAINT wati_message_pkey PRIMARY KEY (wati_message_id);
+
+
+--
 -- Name: burst_conversation_idx; Type: INDEX; Schema: watibot; Owner: -
 --
 
@@ -1843,6 +1901,13 @@ CREATE UNIQUE INDEX message_position_idx ON watibot.message USING btree (channel
 
 
 --
+-- Name: wati_message_burst_idx; Type: INDEX; Schema: watibot; Owner: -
+--
+
+CREATE INDEX wati_message_burst_idx ON watibot.wati_message USING btree (burst_id);
+
+
+--
 -- Name: burst burst_channel_customer_fkey; Type: FK CONSTRAINT; Schema: watibot; Owner: -
 --
 
@@ -1864,6 +1929,14 @@ ALTER TABLE ONLY watibot.message
 
 ALTER TABLE ONLY watibot.schema_compatibility
     ADD CONSTRAINT schema_compatibility_oldest_code_revision_fkey FOREIGN KEY (oldest_code_revision) REFERENCES watibot.schema_compatibility(revision) DEFERRABLE INITIALLY DEFERRED;
+
+
+--
+-- Name: wati_message wati_message_burst_id_fkey; Type: FK CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.wati_message
+    ADD CONSTRAINT wati_message_burst_id_fkey FOREIGN KEY (burst_id) REFERENCES watibot.burst(id) ON DELETE CASCADE;
 
 
 --

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PASSKEY, add_message
+from watibot.settings import load_settings
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -31,7 +32,7 @@ def watibot(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         ("WATIBOT_AGENT", "gpt", "WATIBOT_AGENT"),
         ("WATIBOT_AGENT", "http", "WATIBOT_AGENT_URL is required"),
         ("WATIBOT_DATABASE_URL", "mysql://x", "WATIBOT_DATABASE_URL"),
-        ("WATIBOT_LEASE_SECONDS", "5", "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS"),
+        ("WATIBOT_LEASE_SECONDS", "0", "WATIBOT_LEASE_SECONDS"),
     ],
 )
 def test_invalid_setting_stops_startup_naming_the_variable(variable: str, value: str, message: str) -> None:
@@ -39,6 +40,17 @@ def test_invalid_setting_stops_startup_naming_the_variable(variable: str, value:
     result = watibot("serve", env={variable: value})
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wati_timeout_follows_the_lease_unless_set() -> None:
+    """Unset, the WATI timeout is the smaller of 15 s and half the lease; set, it must stay below the lease."""
+    assert load_settings(_env_file=None, lease_seconds=10).wati_timeout_seconds == 5
+    assert load_settings(_env_file=None, lease_seconds=60).wati_timeout_seconds == 15
+    assert load_settings(_env_file=None, lease_seconds=10, wati_timeout_seconds=8).wati_timeout_seconds == 8
+    result = watibot("serve", env={"WATIBOT_LEASE_SECONDS": "10", "WATIBOT_WATI_TIMEOUT_SECONDS": "15"})
+    assert result.returncode == 2
+    assert "WATIBOT_LEASE_SECONDS (10) must exceed WATIBOT_WATI_TIMEOUT_SECONDS (15)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -90,6 +102,15 @@ def test_webhook_url_uses_the_generated_passkey_when_none_is_set(database_url: s
     configured = watibot("webhook-url", env={"WATIBOT_DATABASE_URL": database_url,
                                              "WATIBOT_WEBHOOK_PASSKEY": PASSKEY})
     assert configured.stdout.strip().endswith(f"passkey={PASSKEY}")
+
+
+def test_operator_commands_print_no_worker_warnings(database_url: str) -> None:
+    """status and webhook-url with no passkey configured print their output and nothing on stderr."""
+    for args in (["webhook-url"], ["status"], ["status", "--json"], ["dead"]):
+        result = watibot(*args, env={"WATIBOT_DATABASE_URL": database_url})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()
+        assert result.stderr == "", f"{args}: {result.stderr}"
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def test_upgrade_downgrade_upgrade(database_url: str, sql: Sql) -> None:
     assert tables(sql) == ["alembic_version"]
     db.upgrade(database_url)
     assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message",
-                           "pruned_burst_totals", "schema_compatibility"]
+                           "pruned_burst_totals", "schema_compatibility", "wati_message"]
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 

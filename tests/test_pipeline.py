@@ -143,10 +143,11 @@ def test_failing_agent_is_retried_up_to_max_attempts_then_dead(
 def test_send_with_unknown_outcome_is_not_resent(
     run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
 ) -> None:
-    """WATI answering after the send timeout: the outcome is unknown, so the burst goes to attention, sent once."""
+    """WATI answering after the send timeout, reconciliation off: the outcome is unknown, so the burst goes to
+    attention, sent once (tests/test_reconciliation.py covers the history lookup)."""
     release = threading.Event()
     fake_wati.script = [Answer(hang_until=release)]
-    app = run_app(app_settings(database_url, fake_wati, wati_timeout_seconds=0.5))
+    app = run_app(app_settings(database_url, fake_wati, wati_timeout_seconds=0.5, wati_reconcile_seconds=0))
     app.post(customer_message("50376819621", "hello"))
     try:
         (row,) = wait_until(lambda: sql("SELECT status, error FROM watibot.burst WHERE status = 'attention'"))

@@ -102,7 +102,7 @@ def test_a_hostile_bsuid_cannot_change_the_wati_request_path_or_query(
         segment = request["path"].removeprefix(prefix)
         assert "/" not in segment and "?" not in segment and "#" not in segment
         assert unquote(segment) in hostile
-        assert set(request["query"]) == {"messageText", "localMessageId"}
+        assert set(request["query"]) == {"messageText", "localMessageId", "channelPhoneNumber"}
         assert "INJECTED" not in request["query"]["messageText"]
         assert request["query"]["localMessageId"].isdigit()
 

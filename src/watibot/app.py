@@ -15,7 +15,7 @@ from watibot.agents import build_agent
 from watibot.clients import agent_http_client, wati_session
 from watibot.ingest import WebhookFastPath
 from watibot.ingest import router as ingest_router
-from watibot.logs import configure_logging, set_worker
+from watibot.logs import AccessLog, configure_logging, set_worker
 from watibot.loops import Watchdog, exit_wedged
 from watibot.metrics import TimedWatiClient
 from watibot.metrics import router as metrics_router
@@ -29,13 +29,15 @@ log = logging.getLogger("watibot.app")
 PASSKEY_SECRET = "webhook_passkey"  # noqa: S105 - the name of the stored secret, not a secret
 
 
-async def resolve_passkey(settings: Settings, instance: InstanceStore) -> bytes:
-    """The configured passkey, or the one generated on first start and kept in the database."""
+async def resolve_passkey(settings: Settings, instance: InstanceStore, *, warn: bool = True) -> bytes:
+    """The configured passkey, or the one generated on first start and kept in the database (a worker warns
+    about that; `watibot webhook-url`, which prints it, passes `warn=False`)."""
     if settings.webhook_passkey is not None:
         return settings.webhook_passkey.get_secret_value().encode()
     value = await instance.get_or_create_secret(PASSKEY_SECRET, secrets.token_urlsafe(32))
-    log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
-                "(`watibot webhook-url` prints the URL to give WATI)")
+    if warn:
+        log.warning("WATIBOT_WEBHOOK_PASSKEY is not set: using the passkey generated for this database "
+                    "(`watibot webhook-url` prints the URL to give WATI)")
     return value.encode()
 
 
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sweeper = None
         if active.sweeper:
             wati = TimedWatiClient(active, wati_http)
-            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati)
+            pipeline = Pipeline(active, stores.bursts, build_agent(active, outbound), wati, sends=stores.sends)
             app.state.sweeper = Sweeper(active, stores.claims, stores.instance, pipeline,
                                         new_owner_id(active.host_name))
             set_worker(app.state.sweeper.owner)
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.include_router(ingest_router)
     app.add_middleware(WebhookFastPath)
+    app.add_middleware(AccessLog)  # outermost: it times the webhook's fast path too
     app.include_router(metrics_router)
 
     app.add_api_route("/healthz", healthz, methods=["GET"],

@@ -266,7 +266,8 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_webhook_url(settings: Settings, args: argparse.Namespace) -> int:
     from watibot.app import resolve_passkey
 
-    passkey = asyncio.run(_with_stores(settings, lambda stores: resolve_passkey(settings, stores.instance)))
+    passkey = asyncio.run(_with_stores(
+        settings, lambda stores: resolve_passkey(settings, stores.instance, warn=False)))
     print(f"{args.base_url.rstrip('/')}/webhook?passkey={passkey.decode()}")
     return EXIT_OK
 

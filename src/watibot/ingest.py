@@ -45,7 +45,6 @@ _WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "description": "A WATI webhook event (see WATI's docs); extra fields are kept.",
                     "properties": {
                         "eventType": {"type": "string", "example": "message"},
                         "whatsappMessageId": {"type": "string"},
@@ -59,7 +58,8 @@ _WEBHOOK_BODY_SCHEMA: dict[str, Any] = {
                         "channelPhoneNumber": {"type": "string"},
                         "passkey": {"type": "string"},
                     },
-                    "required": ["eventType"],
+                    "description": "A WATI webhook event (see WATI's docs); extra fields are kept. A body with "
+                    "waId and text and no eventType is the old system's form of a customer's text message.",
                 }
             }
         },
@@ -114,7 +114,8 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
                              '"recorded" | "ignored"}'},
         401: {"description": "Missing or wrong passkey"},
         413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
-        415: {"description": "Content-Type is not JSON"},
+        415: {"description": "Content-Type is not JSON and neither is the body (a JSON body is accepted whatever "
+                             "its Content-Type)"},
         422: {"description": "Not a usable WATI event; the detail says why"},
         503: {"description": "Database unavailable: not stored, or not known to be; retry later (the retry of a "
                              "message that was stored after all is answered duplicate)"},
@@ -167,9 +168,6 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     presented = _query_passkey(request.scope["query_string"]) or request.headers.get(PASSKEY_HEADER)
     if presented is not None and not _passkey_matches(presented, expected):
         return _error(401, "missing or wrong passkey"), None
-    content_type = request.headers.get("content-type", "application/json").lower()
-    if "json" not in content_type:
-        return _error(415, "Content-Type must be application/json"), None
     try:
         body = await _read_limited(request, limit)
     except BodyTooLarge:
@@ -179,6 +177,10 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     except PayloadError as error:
         if presented is None:
             return _error(401, "missing or wrong passkey"), None
+        # A body that parses as JSON is taken whatever its Content-Type (curl -d sends form-encoded by default);
+        # one that does not, declared as something else, is refused for its type.
+        if "json" not in request.headers.get("content-type", "application/json").lower():
+            return _error(415, "Content-Type must be application/json (and the body is not JSON)"), None
         return _error(422, str(error)), None
     if presented is None and not _passkey_matches(event.pop("passkey", None), expected):
         return _error(401, "missing or wrong passkey"), None
@@ -201,9 +203,15 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
 async def _store(state: Any, event: CustomerMessage | OperatorMessage | DeliveryUpdate) -> str:
     """Commit what the event means; returns the status to answer. Raises DatabaseError (not known to be stored)."""
     if isinstance(event, OperatorMessage):
-        return "paused" if await state.stores.ingest.operator_message(event) else "ignored"
+        if await state.stores.ingest.operator_message(event):
+            return "paused"
+        log.debug("ignored our own reply's echo for %s/%s", event.channel, event.customer)
+        return "ignored"
     if isinstance(event, DeliveryUpdate):
-        return "recorded" if await state.stores.ingest.delivery_update(event) else "ignored"
+        if await state.stores.ingest.delivery_update(event):
+            return "recorded"
+        log.debug("ignored a delivery report that names no burst of this customer's")
+        return "ignored"
     result = await state.stores.ingest.ingest(event)
     if result.duplicate:
         log.debug("duplicate delivery %s", event.provider_message_id)

@@ -6,6 +6,8 @@ conversation finds its whole story; the JSON format makes them fields.
 
 What is never logged: secrets (the passkey travels in the webhook URL, so uvicorn's access log stays off and
 httpx's request lines are silenced) and, at info level and above, what customers wrote or what the agent replied.
+`WATIBOT_ACCESS_LOG=true` adds watibot's own access log (`AccessLog`): method, path, status and milliseconds,
+never the query string.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import json
 import logging
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _CONTEXT_FIELDS = ("conversation", "burst", "fence", "worker")
 # Characters that would let text a customer wrote forge a log line or drive a terminal: C0 and C1 controls (ESC,
@@ -124,3 +129,34 @@ def uvicorn_log_config(level: str, log_format: str = "text") -> dict[str, Any]:
             "httpcore": {"level": "WARNING"},
         },
     }
+
+
+access_log = logging.getLogger("watibot.access")
+
+
+class AccessLog:
+    """ASGI middleware: one info line per HTTP request, "POST /webhook 200 3.1 ms", when the app's settings turn
+    it on (`WATIBOT_ACCESS_LOG`). The query string, where the webhook's passkey travels, is never printed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+        if scope["type"] != "http" or not getattr(settings, "access_log", False):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            access_log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status or 500,
+                            (time.perf_counter() - started) * 1000)

@@ -74,12 +74,12 @@ def observe_claim(claim: Claim) -> None:
 class TimedWatiClient(WatiClient):
     """The WATI client, timing every send into `watibot_wati_send_seconds`."""
 
-    async def send_text(self, wa_id: str, text: str, local_message_id: str) -> None:
+    async def send_text(self, wa_id: str, text: str, local_message_id: str, channel: str = "") -> tuple[str, ...]:
         """Send as `WatiClient.send_text` does, observing how long it took and how it ended."""
         started = time.perf_counter()
         outcome = "accepted"
         try:
-            await super().send_text(wa_id, text, local_message_id)
+            return await super().send_text(wa_id, text, local_message_id, channel)
         except SendRejected:
             outcome = "rejected"
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,18 +62,22 @@ class OperatorMessage:
     customer: str
     wa_id: str | None
     our_burst_id: int | None  # set when localMessageId names one of our bursts
+    wati_ids: tuple[str, ...] = ()  # its ids, which name one of our V3 sends when watibot.wati_message has one
+    text: str | None = None  # what was written: a V3 echo that beats the recording of its ids matches our reply
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryUpdate:
-    """WATI's report on a reply we sent (recognised by our localMessageId), naming the customer it went to."""
+    """WATI's report on a reply we sent (recognised by our localMessageId, or for a V3 send by the ids WATI
+    returned, kept in watibot.wati_message), naming the customer it went to."""
 
-    burst_id: int
+    burst_id: int | None  # None: look the burst up by wati_ids
     state: str  # delivered | read | replied | failed
     error: str | None
     customer: str  # bsuid or waId: the report moves the burst only if it belongs to this customer
     wa_id: str | None
     channel: str | None  # the number it was sent from, when the report says
+    wati_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,19 +219,32 @@ def _delivery_update(event_type: str, body: dict[str, Any]) -> DeliveryUpdate | 
     is could not be checked: anyone can post a localMessageId)."""
     burst_id = our_burst_id(body.get("localMessageId"))
     customer, wa_id = _customer_key(body)
-    if burst_id is None or customer is None:
+    ids = () if burst_id is not None else _wati_ids(body)
+    if (burst_id is None and not ids) or customer is None:
         return OtherEvent(event_type)
     error = None
     if DELIVERY_EVENTS[event_type] == "failed":
         error = f"{body.get('failedCode')}: {body.get('failedDetail')}"[:1000]
     return DeliveryUpdate(burst_id, DELIVERY_EVENTS[event_type], error, customer, wa_id,
-                          _optional_string(body, "channelPhoneNumber"))
+                          _optional_string(body, "channelPhoneNumber"), ids)
+
+
+def _wati_ids(body: dict[str, Any]) -> tuple[str, ...]:
+    """The ids by which an event about one of our messages may name it: those a V3 send returns."""
+    ids = (_optional_string(body, field) for field in ("localMessageId", "id", "whatsappMessageId"))
+    return tuple(dict.fromkeys(value for value in ids if value))
 
 
 def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | DeliveryUpdate | OtherEvent:
     """Classify a decoded webhook body: a customer message to buffer, an operator's message, a delivery report
-    on one of our replies, or another event to acknowledge."""
+    on one of our replies, or another event to acknowledge.
+
+    A body with `waId` and `text` and no `eventType` is the old system's form of a customer's text message; with
+    no `whatsappMessageId` or `id` it gets a generated one, so a repeated POST of it is stored twice."""
     event_type = body.get("eventType")
+    legacy = event_type is None and "waId" in body and "text" in body
+    if legacy:  # the old system's form: {"waId", "text"} is a customer's text message
+        event_type = "message"
     if not isinstance(event_type, str) or not event_type:
         raise PayloadError("missing field 'eventType'")
     owner = body.get("owner", False)
@@ -239,11 +257,17 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
         if customer is None:
             return OtherEvent(event_type)
         channel = _optional_string(body, "channelPhoneNumber") or ""
-        return OperatorMessage(channel, customer, wa_id, our_burst_id(body.get("localMessageId")))
+        ours = our_burst_id(body.get("localMessageId"))
+        text = body.get("text")
+        return OperatorMessage(channel, customer, wa_id, ours, () if ours is not None else _wati_ids(body),
+                               text if isinstance(text, str) and text.strip() else None)
     if event_type not in CUSTOMER_EVENTS:
         return OtherEvent(event_type)
 
     provider_message_id = _optional_string(body, "whatsappMessageId") or _optional_string(body, "id")
+    if provider_message_id is None and legacy:
+        # The old form carries no message id: each POST is a new message (a repeated POST cannot be recognised).
+        provider_message_id = f"legacy.{uuid.uuid4().hex}"
     if provider_message_id is None:
         raise PayloadError("missing field 'whatsappMessageId' (and no 'id' to fall back on)")
     customer, wa_id = _customer_key(body)
@@ -253,6 +277,8 @@ def parse_event(body: dict[str, Any]) -> CustomerMessage | OperatorMessage | Del
     text = body.get("text")
     if text is not None and not isinstance(text, str):
         raise PayloadError("field 'text' must be a string or null")
+    if message_type == "text" and (text is None or not text.strip()):
+        raise PayloadError("field 'text' is missing or empty in a text message: there is nothing to answer")
     channel = _optional_string(body, "channelPhoneNumber") or ""
     return CustomerMessage(
         channel=channel,

@@ -8,15 +8,16 @@ import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from watibot import metrics
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
-from watibot.clients import SendRejected, SendUnknown, WatiClient, split_text
+from watibot.clients import HistoryUnavailable, SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
 from watibot.settings import Settings
-from watibot.store import BurstStore
+from watibot.store import BurstStore, SendStore
 from watibot.store.records import BufferedMessage, Burst, BurstStatus, Claim, Closed, RecordedReply
 
 log = logging.getLogger("watibot.pipeline")
@@ -46,9 +47,11 @@ class Pipeline:
     def __init__(
         self, settings: Settings, bursts: BurstStore, agent: Agent, wati: WatiClient,
         schedule_hint: Callable[[float | None], None] = lambda wait: None,
+        sends: SendStore | None = None,
     ) -> None:
         self.settings = settings
         self.bursts = bursts
+        self.sends = sends  # WATI's ids (V3) and the check before a resend; None: neither (no reconciliation)
         self.agent = agent
         self.wati = wati
         self.schedule_hint = schedule_hint
@@ -134,11 +137,12 @@ class Pipeline:
                     self.schedule_hint(closed.wait_seconds)
                     return
                 # SendRejected (certainly not sent) propagates: fail_burst clears the mark
-                await self.wati.send_text(
-                    claim.wa_id or claim.customer, parts[part], local_message_id(burst.id, part, len(parts))
-                )
+                wati_ids = await self._send_part(claim, burst, parts[part], part, len(parts), context)
                 # Only this worker knows WATI accepted the part: keep trying to record it through a short
-                # database outage, or a taker would have to treat the send as unknown.
+                # database outage, or a taker would have to treat the send as unknown. WATI's ids for it (V3)
+                # first, so that a report or echo arriving once the part is recorded finds the burst.
+                if wati_ids and self.sends is not None:
+                    await self._persist(functools.partial(self.sends.record_wati_ids, burst.id, part, wati_ids))
                 if part < last:
                     await self._persist(functools.partial(self.bursts.part_sent, claim, burst, part))
                     continue
@@ -146,6 +150,51 @@ class Pipeline:
                     self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
+
+    async def _send_part(self, claim: Claim, burst: Burst, text: str, part: int, parts: int,
+                         context: dict[str, object]) -> tuple[str, ...]:
+        """Send one part; WATI's ids for it. An unknown outcome is checked against WATI's message history
+        (reconciliation): there → sent; still absent after WATIBOT_WATI_RECONCILE_SECONDS → sent once more (once:
+        a second unknown outcome that is not found stays unknown), if the claim and its lease still cover a whole
+        send; history unreadable → SendUnknown (attention).
+        Never two sends of one part without the history saying the first is absent."""
+        wa_id, local_id = claim.wa_id or claim.customer, local_message_id(burst.id, part, parts)
+        grace = self.settings.wati_reconcile_seconds
+        for attempt in (1, 2):
+            started = datetime.now(UTC)
+            try:
+                # the number the customer wrote to, not the account's default
+                return await self.wati.send_text(wa_id, text, local_id, channel=claim.channel)
+            except SendUnknown as error:
+                if grace <= 0 or self.sends is None:
+                    raise
+                log.warning("%s; looking for it in WATI's message history", error, extra=context)
+                found = await self._find_sent(wa_id, text, local_id, claim.channel, started, error)
+                if found is None:
+                    await asyncio.sleep(grace)  # WATI's history may lag behind its acceptance
+                    found = await self._find_sent(wa_id, text, local_id, claim.channel, started, error)
+                if found is not None:
+                    log.info("WATI's history has the message whose send outcome was unknown: recorded as sent",
+                             extra=context)
+                    return found
+                if attempt == 2:
+                    raise SendUnknown(f"{error} (a second time; the first was absent from WATI's history)") from None
+                # Only while this worker still holds the claim with the part marked, and with lease enough left for
+                # the whole send: a taker, which sees the mark and closes the burst as attention, waits for expiry.
+                left = await self.sends.resend_lease_left(claim, burst.id, part)
+                if left is None or left <= self.settings.wati_timeout_seconds + 1:
+                    raise SendUnknown(f"{error}; absent from WATI's history, but the claim or its lease no longer "
+                                      "covers a second send") from None
+                log.warning("WATI's history does not have the message %g s after the unknown send: sending it "
+                            "once more", grace, extra=context)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _find_sent(self, wa_id: str, text: str, local_id: str, channel: str, since: datetime,
+                         error: SendUnknown) -> tuple[str, ...] | None:
+        try:
+            return await self.wati.find_sent(wa_id, text, local_id, channel, since)
+        except HistoryUnavailable as unavailable:
+            raise SendUnknown(f"{error}; {unavailable}") from None
 
     @contextlib.contextmanager
     def _part_in_flight(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ class ConfigError(Exception):
 
 
 MIN_PASSKEY_LENGTH = 16
+DEFAULT_WATI_TIMEOUT_SECONDS = 15.0
 _AGENT_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -63,8 +64,22 @@ class Settings(BaseSettings):
         description="WATI API base including the tenant id, e.g. https://live-mt-server.wati.io/123456. "
         "Unset: replies are recorded but not sent (bursts end dead, saying so).",
     )
+    wati_api: Literal["v1", "v3"] = Field(
+        default="v1",
+        description="WATI's send API: v1 (sendSessionMessage, the default: what existing accounts use) or v3 "
+        "(POST /api/ext/v3/conversations/messages/text, JSON; WATI_API_URL's tenant id is dropped).",
+    )
     wati_api_token: SecretStr = SecretStr("")
-    wati_timeout_seconds: Annotated[float, Field(gt=0)] = 15.0
+    wati_reconcile_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=10.0,
+        description="A send whose outcome is unknown is looked up in WATI's message history: found, it counts as "
+        "sent; still absent this many seconds later, it is sent once more. 0: no lookup (attention, as before).",
+    )
+    wati_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=DEFAULT_WATI_TIMEOUT_SECONDS,
+        description="One WATI send. Unset: the smaller of 15 s and half of LEASE_SECONDS (a send must finish "
+        "inside the lease that fences it); set, it must be below LEASE_SECONDS.",
+    )
     buffer_seconds: Annotated[float, Field(ge=0)] = 65.0
     buffer_mode: BufferMode = BufferMode.FIXED
     buffer_max_seconds: Annotated[float, Field(gt=0)] = 300.0
@@ -117,6 +132,11 @@ class Settings(BaseSettings):
         description="/healthz fails when a background loop (claim loop, heartbeat) has not completed an "
         "iteration for this long: the process is wedged and should be restarted.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log one info line per HTTP request: method, path, status and milliseconds (never the query "
+        "string, where the webhook's passkey travels).",
+    )
     log_level: str = "info"
     log_format: LogFormat = Field(default=LogFormat.TEXT, description="text (readable) or json (one object a line).")
 
@@ -158,10 +178,13 @@ class Settings(BaseSettings):
             raise ValueError("WATIBOT_AGENT_URL is required when WATIBOT_AGENT=http")
         if self.system_prompt_file is not None and not Path(self.system_prompt_file).is_file():
             raise ValueError(f"WATIBOT_SYSTEM_PROMPT_FILE: no such file {self.system_prompt_file}")
-        if self.lease_seconds <= self.wati_timeout_seconds:
+        if "wati_timeout_seconds" not in self.model_fields_set:  # the default follows the lease
+            self.wati_timeout_seconds = min(DEFAULT_WATI_TIMEOUT_SECONDS, self.lease_seconds / 2)
+        elif self.lease_seconds <= self.wati_timeout_seconds:
             raise ValueError(
-                "WATIBOT_LEASE_SECONDS must exceed WATIBOT_WATI_TIMEOUT_SECONDS "
-                "(a send must finish inside the lease that fences it)"
+                f"WATIBOT_LEASE_SECONDS ({self.lease_seconds:g}) must exceed WATIBOT_WATI_TIMEOUT_SECONDS "
+                f"({self.wati_timeout_seconds:g}): a send must finish inside the lease that fences it (leave "
+                "WATIBOT_WATI_TIMEOUT_SECONDS unset to use the smaller of 15 s and half the lease)"
             )
         slowest = max(self.heartbeat_seconds, self.loop_backoff_max_seconds) + 2 * self.db_timeout_seconds
         if self.loop_stall_seconds <= slowest:

@@ -89,11 +89,17 @@ ORDER BY input.position
 # An operator wrote to the customer: pause the bot for the conversation, and count the messages stored so far
 # as answered by a human (human_position). A conversation that is buffering is pushed to the end of the pause; a
 # claimed one finds the pause when it begins a burst or marks its first part. Our own replies come back as
-# operator messages too ($5 names the burst): they are ignored.
+# operator messages too ($5 names the burst, or for a V3 send one of $6 is an id WATI returned): they are ignored.
+# A V3 echo can arrive before the sender has recorded WATI's ids: while the conversation's burst is sending, an
+# echo whose text ($7) is part of that burst's reply is ours too.
 OPERATOR_MESSAGE = """
 INSERT INTO watibot.conversation AS c (channel, customer, wa_id, paused_until, human_message_at, human_position)
 SELECT $1, $2, $3, now() + make_interval(secs => $4), now(), 0
 WHERE NOT EXISTS (SELECT 1 FROM watibot.burst WHERE id = $5)
+  AND NOT EXISTS (SELECT 1 FROM watibot.wati_message WHERE wati_message_id = ANY($6::text[]))
+  AND NOT EXISTS (SELECT 1 FROM watibot.burst AS b
+                  WHERE $7::text IS NOT NULL AND b.channel = $1 AND b.customer = $2 AND b.status = 'sending'
+                    AND strpos(b.reply, $7) > 0)
 ON CONFLICT (channel, customer) DO UPDATE SET
     paused_until = GREATEST(c.paused_until, EXCLUDED.paused_until),
     human_message_at = EXCLUDED.human_message_at,
@@ -122,7 +128,9 @@ UPDATE watibot.burst AS b SET
                  THEN 'WhatsApp delivery failed after WATI accepted the reply: ' || COALESCE($3, '-')
                  ELSE b.error END
 FROM watibot.conversation AS c
-WHERE b.id = $1
+-- our localMessageId names the burst; a V3 send is found by the ids WATI returned for it
+WHERE b.id = COALESCE($1::bigint, (SELECT m.burst_id FROM watibot.wati_message AS m
+                                   WHERE m.wati_message_id = ANY($7::text[]) LIMIT 1))
   -- only the burst of the customer (and channel) the report names: anyone can post a localMessageId
   AND c.channel = b.channel AND c.customer = b.customer
   AND (c.customer = $4 OR c.wa_id = $5)
@@ -191,7 +199,7 @@ class IngestStore:
         async with connection(self.pool, self.timeout) as conn:
             row = await conn.fetchval(
                 OPERATOR_MESSAGE, event.channel, event.customer, event.wa_id, self.settings.human_pause_seconds,
-                event.our_burst_id,
+                event.our_burst_id, list(event.wati_ids), event.text,
             )
         return row is not None
 
@@ -199,5 +207,5 @@ class IngestStore:
         """Record WATI's delivery report on one of our bursts; False when no such burst exists."""
         async with connection(self.pool, self.timeout) as conn:
             row = await conn.fetchval(DELIVERY_UPDATE, event.burst_id, event.state, event.error, event.customer,
-                                      event.wa_id, event.channel)
+                                      event.wa_id, event.channel, list(event.wati_ids))
         return row is not None
