@@ -2,10 +2,12 @@
 
 Two sources, chosen so that no number depends on which worker Prometheus happens to reach:
 
-- **The database**, read at scrape time: gauges (conversations by state, overdue lag, buffered messages, dead and
-  attention bursts) and the burst counters and histograms (bursts by outcome, claim lag, agent time), computed
-  from finished bursts plus `watibot.pruned_burst_totals`. They count the work of every worker on every host,
-  and survive restarts. On several hosts, every host reports the same values: aggregate them with `max`.
+- **The database**, read at most every WATIBOT_METRICS_CACHE_SECONDS per process (`DatabaseReading`: one
+  reading at a time, shared by concurrent scrapes): gauges (conversations by state, overdue lag, buffered
+  messages, dead and attention bursts) and the burst counters and histograms (bursts by outcome, claim lag, agent
+  time), computed from finished bursts (a rollup behind a mark plus the bursts finished since, migration 0008)
+  plus `watibot.pruned_burst_totals`. They count the work of every worker on every host, and survive restarts.
+  On several hosts, every host reports the same values: aggregate them with `max`.
 - **Events seen only by a process** (webhooks by status, WATI send latency, lease takeovers): prometheus-client's
   multiprocess mode. `watibot serve` points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before the workers
   start; each worker writes its counters there and a scrape sums every worker's files, those of workers that
@@ -17,6 +19,8 @@ the variable (the CLI imports it lazily).
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import os
 import time
 from typing import Any
@@ -161,16 +165,57 @@ def process_registry() -> CollectorRegistry:
     return _process_registry
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+class DatabaseReading:
+    """The database's metric families, read at most every `max_age` seconds per process.
+
+    A scrape within `max_age` of the last reading gets that reading; scrapes that arrive while a reading is in
+    flight wait for it instead of starting their own (one query per process at a time, whatever the number of
+    scrapers). A failed reading (database down) is kept for `max_age` too, as `watibot_database_up 0`.
+    """
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self._lock = asyncio.Lock()
+        self._families: list[Metric] | None = None
+        self._read_at = 0.0
+        self.readings = 0
+
+    async def families(self, state: Any) -> list[Metric]:
+        """The families of the last reading, reading the database first when it is older than `max_age`."""
+        async with self._lock:
+            if self._families is not None and time.monotonic() - self._read_at < self.max_age:
+                return self._families
+            health: dict[str, Any] | None
+            try:
+                health, totals = await state.stores.operators.metrics_snapshot()
+            except DatabaseError:
+                health, totals = None, []
+            self._families = database_metrics(health, totals)
+            self._read_at = time.monotonic()
+            self.readings += 1
+            return self._families
+
+
+def _authorized(request: Request, token: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
+                                                              401: {"description": "WATIBOT_METRICS_TOKEN is set and "
+                                                                    "the request does not carry it"}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of the whole service: database state and every worker's counters."""
     state = request.app.state
-    health: dict[str, Any] | None
-    try:
-        health, totals = await state.stores.operators.metrics_snapshot()
-    except DatabaseError:
-        health, totals = None, []
+    token = state.settings.metrics_token
+    if token is not None and not _authorized(request, token.get_secret_value()):
+        return Response("unauthorized: send Authorization: Bearer <WATIBOT_METRICS_TOKEN>\n", status_code=401,
+                        media_type="text/plain", headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+    reading: DatabaseReading | None = getattr(state, "metrics_reading", None)
+    if reading is None:
+        reading = state.metrics_reading = DatabaseReading(state.settings.metrics_cache_seconds)
     database = CollectorRegistry()
-    database.register(_Snapshot(database_metrics(health, totals)))
+    database.register(_Snapshot(await reading.families(state)))
     body = generate_latest(process_registry()) + generate_latest(database)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -108,6 +108,15 @@ class Settings(BaseSettings):
         default=True,
         description="Serve the API documentation (/docs, /redoc, /openapi.json); false on a public host.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that GET /metrics requires (Authorization: Bearer ...); unset: /metrics is open.",
+    )
+    metrics_cache_seconds: Annotated[float, Field(ge=0, le=300)] = Field(
+        default=5.0,
+        description="A worker reads the database for /metrics at most this often; scrapes in between (and "
+        "concurrent ones) get the last reading.",
+    )
     host_name: str | None = Field(
         default=None, min_length=1, max_length=100, pattern=r"^[^\s:]+$",
         description="This host's name in worker ids (host:pid:random, as in claimed_by). Unset: the hostname.",
@@ -141,6 +150,18 @@ class Settings(BaseSettings):
     def _long_passkey(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_PASSKEY_LENGTH:
             raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_PASSKEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
+        if not all(33 <= ord(character) <= 126 for character in token):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
         return value
 
     @field_validator("database_url", "migration_database_url")
