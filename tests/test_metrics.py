@@ -235,4 +235,4 @@ def test_concurrent_scrapes_share_one_database_reading(run_app: Callable[..., Ru
         return [response.status_code for response in responses]
 
     assert asyncio.run(scrape_all()) == [200] * 30
-    assert app.server.config.app.state.metrics_reading.readings == 1  # type: ignore[union-attr]
+    assert app.server.config.app.state.metrics_cache.readings == 1  # type: ignore[union-attr]
