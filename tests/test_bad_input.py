@@ -190,3 +190,88 @@ def test_parser_keeps_every_customer_message_intact(wa_id: str, text: str, messa
     assert event.provider_message_id == message_id.replace("\x00", "\ufffd").strip()
     assert event.text == text.replace("\x00", "\ufffd")
     assert event.wati_timestamp is not None and int(event.wati_timestamp.timestamp()) == timestamp
+
+
+# -- 5. slow and broken clients, against a real `watibot serve` over raw sockets ---------------------------------
+
+@dataclass
+class SlowClient:
+    name: str
+    head: bytes  # request line and headers, without the blank line
+    sent: bytes  # what of the body is sent before the client stalls or goes away
+    then: str  # "stall": wait for the answer; "close": FIN; "reset": RST
+
+
+def _head(length: int | None, *, chunked: bool = False, passkey_in_query: bool = True) -> bytes:
+    target = f"/webhook?passkey={PASSKEY}" if passkey_in_query else "/webhook"
+    lines = [f"POST {target} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+SLOW_BODY = body(text="slow " * 200)
+SLOW_CLIENTS = [
+    SlowClient("declares 5000 bytes, sends 100 and stalls", _head(5000), SLOW_BODY[:100], "stall"),
+    SlowClient("declares 300 bytes, sends none and stalls", _head(300), b"", "stall"),
+    SlowClient("chunked, one chunk then stalls", _head(None, chunked=True), b"10\r\n" + SLOW_BODY[:16] + b"\r\n",
+               "stall"),
+    SlowClient("declares 5000 bytes, sends 100 and closes", _head(5000), SLOW_BODY[:100], "close"),
+    SlowClient("declares 5000 bytes, sends 4000 and resets", _head(5000), SLOW_BODY[:4000], "reset"),
+    SlowClient("passkey in the body, sends half and closes", _head(len(SLOW_BODY), passkey_in_query=False),
+               SLOW_BODY[: len(SLOW_BODY) // 2], "close"),
+]
+
+
+def _play(port: int, client: SlowClient) -> bytes:
+    """Send the client's bytes; for a stall, read until the server closes (20 s deadline) and return it all."""
+    import socket
+    import struct
+
+    connection = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        connection.sendall(client.head + client.sent)
+        if client.then == "stall":
+            received = b""
+            while chunk := connection.recv(65536):
+                received += chunk
+            return received
+        if client.then == "reset":
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return b""
+    finally:
+        connection.close()
+
+
+@pytest.mark.processes
+def test_slow_and_broken_clients_get_408_or_one_debug_line(
+    serve: Callable[..., Any], database_url: str, sql: Sql
+) -> None:
+    """A body that stalls gets 408 within WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS and its connection closed; a client
+    gone mid-body is one debug line; nothing is stored and the log holds no traceback or error."""
+    import time
+
+    from tests.conftest import serve_environment, wait_until
+
+    process = serve(serve_environment(database_url, None, WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS="1",
+                                      WATIBOT_SWEEPER="false", WATIBOT_LOG_LEVEL="debug"), workers=1)
+    for client in SLOW_CLIENTS:
+        started = time.monotonic()
+        received = _play(process.port, client)
+        if client.then == "stall":
+            assert received.startswith(b"HTTP/1.1 408 "), (client.name, received[:200])
+            assert b"body not received within 1 s" in received
+            assert b"connection: close" in received.lower()
+            assert time.monotonic() - started < 15, client.name  # answered at the timeout, then closed
+        else:
+            assert received == b""
+    gone = sum(client.then != "stall" for client in SLOW_CLIENTS)
+
+    def disconnect_lines() -> int | None:
+        lines = process.log_path.read_text().count("webhook answered 400 disconnected")
+        return lines if lines >= gone else None
+
+    assert wait_until(disconnect_lines, timeout=20, what="a debug line per client gone") == gone
+    log = process.log_path.read_text()
+    assert log.count("webhook answered 408 body_timeout") == len(SLOW_CLIENTS) - gone
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert sql("SELECT count(*) FROM watibot.message") == [(0,)]

@@ -6,6 +6,7 @@ any doubt about the database is a 503, which WATI retries (every 10 minutes, for
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
@@ -13,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from watibot.db import DatabaseError
@@ -75,18 +77,20 @@ class BodyTooLarge(Exception):
     """The body exceeded the configured limit."""
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, stopping as soon as it passes `limit` bytes, whatever Content-Length claimed."""
+async def _read_limited(request: Request, limit: int, timeout: float) -> bytes:  # noqa: ASYNC109 - a deadline
+    """Read the body, stopping as soon as it passes `limit` bytes, whatever Content-Length claimed, within
+    `timeout` seconds (TimeoutError past it; ClientDisconnect when the client goes away mid-body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    async with asyncio.timeout(timeout):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -113,6 +117,7 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
         200: {"description": 'Stored or acknowledged: {"status": "buffered" | "duplicate" | "paused" | '
                              '"recorded" | "ignored"}'},
         401: {"description": "Missing or wrong passkey"},
+        408: {"description": "Body not received within WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS (connection closed)"},
         413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
         415: {"description": "Content-Type is not JSON"},
         422: {"description": "Not a usable WATI event; the detail says why"},
@@ -132,7 +137,7 @@ async def answer(request: Request) -> JSONResponse:
     except Exception:
         log.exception("webhook failed with an unexpected error; nothing is known to be stored")
         response, status = _error(500, "internal error; retry later"), None
-    label = count_webhook(response.status_code, status)
+    label = count_webhook(response.status_code, status)  # "disconnected": nobody reads this answer
     if label not in _LOGGED_BY_RECEIVE:  # one debug line per webhook, whatever the answer
         log.debug("webhook answered %d %s", response.status_code, label)
     return response
@@ -170,10 +175,16 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     content_type = request.headers.get("content-type", "application/json").lower()
     if "json" not in content_type:
         return _error(415, "Content-Type must be application/json"), None
+    body_timeout: float = state.settings.webhook_body_timeout_seconds
     try:
-        body = await _read_limited(request, limit)
+        body = await _read_limited(request, limit, body_timeout)
     except BodyTooLarge:
         return _error(413, f"body larger than {limit} bytes"), None
+    except TimeoutError:
+        # The connection is closed after this answer: the rest of the body may still be on its way.
+        return _error(408, f"body not received within {body_timeout:g} s", {"Connection": "close"}), None
+    except ClientDisconnect:
+        return _error(400, "client disconnected before sending the whole body"), "disconnected"
     try:
         event = decode_body(body)
     except PayloadError as error:

@@ -39,9 +39,9 @@ from watibot.store.records import BurstStatus, Claim
 
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 WEBHOOK_STATUSES = ("buffered", "duplicate", "paused", "recorded", "ignored", "unauthorized", "too_large",
-                    "unsupported_media_type", "invalid", "unavailable")
-_STATUS_BY_CODE = {401: "unauthorized", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
-                   500: "error", 503: "unavailable"}
+                    "unsupported_media_type", "invalid", "unavailable", "body_timeout", "disconnected")
+_STATUS_BY_CODE = {401: "unauthorized", 408: "body_timeout", 413: "too_large", 415: "unsupported_media_type",
+                   422: "invalid", 500: "error", 503: "unavailable"}
 # How a burst can end (a replayed one counts under the outcome it had first).
 BURST_OUTCOMES = tuple(status.value for status in BurstStatus if not status.open and status != BurstStatus.REPLAYED)
 # The upper bounds of watibot.histogram_bucket (migration 0003), in order.
@@ -49,7 +49,8 @@ DATABASE_BUCKETS = ("0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "
 
 _process_registry = CollectorRegistry()
 WEBHOOKS = Counter("watibot_webhooks", "Webhook requests answered, by status: buffered, duplicate, ignored, or "
-                   "the refusal (unauthorized, too_large, unsupported_media_type, invalid, unavailable, error).",
+                   "the refusal (unauthorized, too_large, unsupported_media_type, invalid, unavailable, "
+                   "body_timeout, error) or disconnected (the client went away mid-body).",
                    ["status"], registry=_process_registry)
 WATI_SEND_SECONDS = Histogram("watibot_wati_send_seconds", "Time of one WATI sendSessionMessage call, by outcome "
                               "(accepted, rejected, unknown).", ["outcome"], registry=_process_registry,
@@ -71,8 +72,9 @@ router = APIRouter()
 
 
 def count_webhook(code: int, status: str | None = None) -> str:
-    """Count one answered webhook: by `status` for a 200, by what the HTTP `code` means otherwise."""
-    label = status if code == 200 and status else _STATUS_BY_CODE.get(code, str(code))
+    """Count one answered webhook: by `status` for a 200 (or a client gone mid-body: "disconnected"), by what the
+    HTTP `code` means otherwise."""
+    label = status if status and (code == 200 or status == "disconnected") else _STATUS_BY_CODE.get(code, str(code))
     WEBHOOKS.labels(status=label).inc()
     return label
 

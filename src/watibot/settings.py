@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         description="Secret that WATI sends with each webhook. Unset: one is generated and kept in the database.",
     )
     webhook_max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024
+    webhook_body_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10.0,
+        description="A webhook whose body has not fully arrived this long after its headers gets 408 and its "
+        "connection is closed.",
+    )
     wati_api_url: str | None = Field(
         default=None,
         description="WATI API base including the tenant id, e.g. https://live-mt-server.wati.io/123456. "
