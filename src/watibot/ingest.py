@@ -104,6 +104,16 @@ def _query_passkey(query_string: bytes) -> str | None:
     return values[-1] if values else None
 
 
+def _header_passkey(request: Request) -> str | None:
+    """The X-Watibot-Passkey header read as UTF-8 (Starlette decodes header bytes as latin-1, so a non-ASCII
+    passkey, which works in the query string and the body, would never match in the header). Bytes that are not
+    UTF-8 are kept as surrogates: they match no passkey."""
+    value = request.headers.get(PASSKEY_HEADER)
+    if value is None or value.isascii():
+        return value
+    return value.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
 def _passkey_matches(given: object, expected: bytes) -> bool:
     if not isinstance(given, str):
         return False
@@ -169,7 +179,7 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     expected: bytes = state.passkey
     limit: int = state.settings.webhook_max_body_bytes
 
-    presented = _query_passkey(request.scope["query_string"]) or request.headers.get(PASSKEY_HEADER)
+    presented = _query_passkey(request.scope["query_string"]) or _header_passkey(request)
     if presented is not None and not _passkey_matches(presented, expected):
         return _error(401, "missing or wrong passkey"), None
     content_type = request.headers.get("content-type", "application/json").lower()
