@@ -345,6 +345,46 @@ COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_af
 
 
 --
+-- Name: burst_range_totals(timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone) RETURNS TABLE(series text, label text, count bigint, sum double precision)
+    LANGUAGE sql STABLE
+    AS $$
+        SELECT * FROM (
+            SELECT CASE WHEN GROUPING(f.outcome) = 0 THEN 'outcome'
+                        WHEN GROUPING(f.replayed) = 0 THEN 'replayed'
+                        WHEN GROUPING(f.claim_lag_le) = 0 THEN 'claim_lag'
+                        ELSE 'agent_seconds' END AS series,
+                   COALESCE(f.outcome, f.replayed::text, f.claim_lag_le, f.agent_le) AS label,
+                   count(*) AS count,
+                   COALESCE(CASE WHEN GROUPING(f.claim_lag_le) = 0 THEN sum(f.claim_lag_seconds)
+                                 WHEN GROUPING(f.agent_le) = 0 THEN sum(f.agent_seconds) END, 0)::float8 AS sum
+            FROM (
+                SELECT COALESCE(b.replayed_from, b.status) AS outcome,
+                       b.replayed_from IS NOT NULL AS replayed,
+                       EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
+                       EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8)
+                           AS agent_le
+                FROM watibot.burst AS b
+                WHERE b.finished_at >= p_from AND b.finished_at < p_to
+            ) AS f
+            GROUP BY GROUPING SETS ((f.outcome), (f.replayed), (f.claim_lag_le), (f.agent_le))
+        ) AS totals
+        WHERE totals.label IS NOT NULL AND totals.label <> 'false'
+    $$;
+
+
+--
+-- Name: FUNCTION burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone) IS 'watibot.burst_fact_totals over the bursts finished in [p_from, p_to) (the rollup and /metrics).';
+
+
+--
 -- Name: burst_rollup_correct(); Type: FUNCTION; Schema: watibot; Owner: -
 --
 
@@ -1254,7 +1294,6 @@ CREATE FUNCTION watibot.roll_up_burst_totals(p_margin interval, p_max_bursts int
         v_mark timestamptz;
         v_through timestamptz := now() - p_margin;
         v_limit timestamptz;
-        v_ids bigint[];
     BEGIN
         -- SKIP LOCKED: another worker is rolling up, or a correction is in progress; try at the next scrape.
         SELECT rolled_through INTO v_mark FROM watibot.burst_totals_mark FOR UPDATE SKIP LOCKED;
@@ -1267,10 +1306,9 @@ CREATE FUNCTION watibot.roll_up_burst_totals(p_margin interval, p_max_bursts int
         IF v_limit IS NOT NULL AND v_limit > v_mark THEN
             v_through := v_limit;
         END IF;
-        v_ids := ARRAY(SELECT b.id FROM watibot.burst AS b WHERE b.finished_at >= v_mark AND b.finished_at < v_through);
         PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
                                             array_agg(t.sum), 1)
-        FROM watibot.burst_fact_totals(v_ids) AS t;
+        FROM watibot.burst_range_totals(v_mark, v_through) AS t;
         UPDATE watibot.burst_totals_mark SET rolled_through = v_through;
         RETURN v_through;
     END $$;

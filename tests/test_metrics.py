@@ -172,9 +172,10 @@ def test_burst_totals_rollup_keeps_the_numbers_of_a_full_recount(sql: Sql) -> No
     add_finished_bursts(sql, "50333333333", 5, "no_reply", "1 minute")
     assert sql("SELECT count(*) FROM watibot.burst_totals_rollup") == [(0,)]
     assert scrape_totals(sql) == sql(FULL_RECOUNT)
-    # the same series over rows as over ids
-    assert sql("SELECT * FROM watibot.burst_row_totals(ARRAY(SELECT b FROM watibot.burst AS b)) ORDER BY 1, 2") == \
-        sql("SELECT * FROM watibot.burst_fact_totals() ORDER BY 1, 2")
+    # the same series over rows and over a range of finish times as over ids
+    every = sql("SELECT * FROM watibot.burst_fact_totals() ORDER BY 1, 2")
+    assert sql("SELECT * FROM watibot.burst_row_totals(ARRAY(SELECT b FROM watibot.burst AS b)) ORDER BY 1, 2") == every
+    assert sql("SELECT * FROM watibot.burst_range_totals('-infinity', 'infinity') ORDER BY 1, 2") == every
 
     # rolled up in steps of 10 bursts; the margin keeps the burst finished a minute ago out
     while True:

@@ -54,8 +54,39 @@ def upgrade() -> None:
         'One row: bursts finished before rolled_through are counted in burst_totals_rollup.';
     INSERT INTO watibot.burst_totals_mark (rolled_through) VALUES ('-infinity');
 
-    -- The same series as watibot.burst_fact_totals, over rows rather than ids (a trigger's OLD row, or the rows a
-    -- DELETE removed, are no longer in the table). tests/test_metrics.py checks that both agree.
+    -- The same series as watibot.burst_fact_totals (and finished_burst_facts), over a range of finish times (by
+    -- burst_finished_idx: the roll-up and the scrape's tail) and over rows given by value (a trigger's OLD row, or
+    -- the rows a DELETE removed, are no longer in the table). tests/test_metrics.py checks that they agree.
+    CREATE FUNCTION watibot.burst_range_totals(p_from timestamptz, p_to timestamptz)
+    RETURNS TABLE (series text, label text, count bigint, sum float8)
+    LANGUAGE sql STABLE AS $$
+        SELECT * FROM (
+            SELECT CASE WHEN GROUPING(f.outcome) = 0 THEN 'outcome'
+                        WHEN GROUPING(f.replayed) = 0 THEN 'replayed'
+                        WHEN GROUPING(f.claim_lag_le) = 0 THEN 'claim_lag'
+                        ELSE 'agent_seconds' END AS series,
+                   COALESCE(f.outcome, f.replayed::text, f.claim_lag_le, f.agent_le) AS label,
+                   count(*) AS count,
+                   COALESCE(CASE WHEN GROUPING(f.claim_lag_le) = 0 THEN sum(f.claim_lag_seconds)
+                                 WHEN GROUPING(f.agent_le) = 0 THEN sum(f.agent_seconds) END, 0)::float8 AS sum
+            FROM (
+                SELECT COALESCE(b.replayed_from, b.status) AS outcome,
+                       b.replayed_from IS NOT NULL AS replayed,
+                       EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
+                       EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8)
+                           AS agent_le
+                FROM watibot.burst AS b
+                WHERE b.finished_at >= p_from AND b.finished_at < p_to
+            ) AS f
+            GROUP BY GROUPING SETS ((f.outcome), (f.replayed), (f.claim_lag_le), (f.agent_le))
+        ) AS totals
+        WHERE totals.label IS NOT NULL AND totals.label <> 'false'
+    $$;
+    COMMENT ON FUNCTION watibot.burst_range_totals IS
+        'watibot.burst_fact_totals over the bursts finished in [p_from, p_to) (the rollup and /metrics).';
+
     CREATE FUNCTION watibot.burst_row_totals(p_bursts watibot.burst[])
     RETURNS TABLE (series text, label text, count bigint, sum float8)
     LANGUAGE sql STABLE AS $$
@@ -102,7 +133,6 @@ def upgrade() -> None:
         v_mark timestamptz;
         v_through timestamptz := now() - p_margin;
         v_limit timestamptz;
-        v_ids bigint[];
     BEGIN
         -- SKIP LOCKED: another worker is rolling up, or a correction is in progress; try at the next scrape.
         SELECT rolled_through INTO v_mark FROM watibot.burst_totals_mark FOR UPDATE SKIP LOCKED;
@@ -115,10 +145,9 @@ def upgrade() -> None:
         IF v_limit IS NOT NULL AND v_limit > v_mark THEN
             v_through := v_limit;
         END IF;
-        v_ids := ARRAY(SELECT b.id FROM watibot.burst AS b WHERE b.finished_at >= v_mark AND b.finished_at < v_through);
         PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
                                             array_agg(t.sum), 1)
-        FROM watibot.burst_fact_totals(v_ids) AS t;
+        FROM watibot.burst_range_totals(v_mark, v_through) AS t;
         UPDATE watibot.burst_totals_mark SET rolled_through = v_through;
         RETURN v_through;
     END $$;
@@ -194,6 +223,7 @@ def downgrade() -> None:
     DROP FUNCTION watibot.roll_up_burst_totals(interval, integer);
     DROP FUNCTION watibot.add_to_burst_rollup(text[], text[], bigint[], float8[], integer);
     DROP FUNCTION watibot.burst_row_totals(watibot.burst[]);
+    DROP FUNCTION watibot.burst_range_totals(timestamptz, timestamptz);
     DROP TABLE watibot.burst_totals_mark;
     DROP TABLE watibot.burst_totals_rollup;
     """)

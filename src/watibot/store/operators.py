@@ -47,14 +47,13 @@ ORDER BY owner
 # Counters and histograms for /metrics, computed from finished bursts (immutable once finished; a replay only
 # changes status, and outcome reads replayed_from first) plus the totals of pruned bursts, so they only grow.
 # Constant cost whatever the history (migration 0008): the rollup of the bursts finished before the mark, the
-# totals of pruned bursts, and watibot.burst_fact_totals over the few bursts finished since the mark (by
+# totals of pruned bursts, and watibot.burst_range_totals over the few bursts finished since the mark (by
 # burst_finished_idx). A label whose total is 0 (a rollup row emptied by prune) is left out, as before.
 BURST_TOTALS = """
 SELECT series, label, sum(count)::bigint AS count, sum(sum)::float8 AS sum
 FROM (
-    SELECT series, label, count, sum FROM watibot.burst_fact_totals(ARRAY(
-        SELECT id FROM watibot.burst
-        WHERE finished_at >= (SELECT rolled_through FROM watibot.burst_totals_mark)))
+    SELECT series, label, count, sum
+    FROM watibot.burst_range_totals((SELECT rolled_through FROM watibot.burst_totals_mark), 'infinity')
     UNION ALL
     SELECT series, label, count, sum FROM watibot.burst_totals_rollup
     UNION ALL
