@@ -4,6 +4,7 @@ status it gets and what it leaves in the database; a property test of the parser
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,8 +249,6 @@ def test_slow_and_broken_clients_get_408_or_one_debug_line(
 ) -> None:
     """A body that stalls gets 408 within WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS and its connection closed; a client
     gone mid-body is one debug line; nothing is stored and the log holds no traceback or error."""
-    import time
-
     from tests.conftest import serve_environment, wait_until
 
     process = serve(serve_environment(database_url, None, WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS="1",
@@ -275,3 +274,73 @@ def test_slow_and_broken_clients_get_408_or_one_debug_line(
     assert log.count("webhook answered 408 body_timeout") == len(SLOW_CLIENTS) - gone
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     assert sql("SELECT count(*) FROM watibot.message") == [(0,)]
+
+
+# -- 6. oversize bursts and replies: what the agent reads and what is sent are capped ----------------------------
+
+@dataclass
+class Oversize:
+    name: str
+    texts: list[str]  # the burst's messages, oldest first
+    caps: dict[str, int]
+    reply: str | None  # the agent's reply; None: the fake agent's echo of the texts it got
+    agent_texts: list[str]  # what the agent receives
+    marker: str | None  # the prompt's first line
+    sent_parts: int
+    truncated: bool  # the last part sent ends with the marker
+
+
+LONG_REPLY = " ".join(f"word{number}" for number in range(4000))  # ~35k characters: 9 parts
+OVERSIZE = [
+    Oversize("12 messages, 5 allowed", [f"m{n:02d}" for n in range(12)], {"burst_max_messages": 5}, "ok",
+             [f"m{n:02d}" for n in range(7, 12)],
+             "[watibot: 7 earlier messages of this burst (21 characters) left out, the newest 5 follow]", 1, False),
+    Oversize("6 messages of 50 characters, 120 allowed", [str(n) * 50 for n in range(6)], {"burst_max_chars": 120},
+             "ok", ["4" * 50, "5" * 50],
+             "[watibot: 4 earlier messages of this burst (200 characters) left out, the newest 2 follow]", 1, False),
+    Oversize("one message of 500 characters, 100 allowed", ["x" * 500], {"burst_max_chars": 100}, "ok", ["x" * 100],
+             "[watibot: the last message is cut to its first 100 of 500 characters]", 1, False),
+    Oversize("a 9-part reply, 2 parts allowed", ["tell me everything"], {"reply_max_parts": 2}, LONG_REPLY,
+             ["tell me everything"], None, 2, True),
+    Oversize("a 9-part reply, 1 part allowed", ["tell me everything"], {"reply_max_parts": 1}, LONG_REPLY,
+             ["tell me everything"], None, 1, True),
+    Oversize("a 9-part reply, 9 parts allowed", ["tell me everything"], {"reply_max_parts": 9}, LONG_REPLY,
+             ["tell me everything"], None, 9, False),
+]
+
+
+@pytest.mark.parametrize("case", OVERSIZE, ids=[case.name for case in OVERSIZE])
+def test_oversize_bursts_and_replies_are_capped(
+    run_app: Callable[..., RunningApp], database_url: str, sql: Sql, case: Oversize, fake_wati: Any, fake_agent: Any
+) -> None:
+    """The agent reads the newest messages within the caps after a marker line, every message is consumed, and a
+    reply past WATIBOT_REPLY_MAX_PARTS is cut with a marker; the stored prompt and reply_parts show the caps."""
+    from tests.conftest import customer_message, wait_until
+    from tests.fakes import Answer
+
+    if case.reply is not None:
+        fake_agent.default = lambda request: Answer(body={"reply": case.reply})
+    # Posted to a worker without a sweeper, answered by one started afterwards: one burst, whatever the timing.
+    first = run_app(app_settings(database_url, fake_wati, sweeper=False))
+    now = int(time.time())
+    for number, text in enumerate(case.texts):
+        assert first.post(customer_message("50376819621", text, f"wamid.over.{number}",
+                                           timestamp=str(now - 60 + number))).status_code == 200
+    run_app(app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url, **case.caps))
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)], timeout=30, what="the burst sent")
+    (request,) = fake_agent.requests
+    assert [message["text"] for message in request["json"]["messages"]] == case.agent_texts
+    prompt_lines = request["json"]["prompt"].split("\n")
+    if case.marker is None:
+        assert prompt_lines == case.agent_texts
+    else:
+        assert prompt_lines == [case.marker, *case.agent_texts]
+    sent = fake_wati.sent
+    assert len(sent) == case.sent_parts
+    assert all(len(message["text"]) <= 4096 for message in sent)
+    assert sent[-1]["text"].endswith("\n[…]") == case.truncated
+    (prompt, reply, parts, messages), = sql("SELECT prompt, reply, reply_parts, messages FROM watibot.burst")
+    assert (prompt, parts, messages) == (request["json"]["prompt"], case.sent_parts, len(case.texts))
+    assert reply == (case.reply or "")
+    assert sql("SELECT last_position, answered_position FROM watibot.conversation") == \
+        [(len(case.texts), len(case.texts))], "every message consumed by the burst"

@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     media_resolver: str | None = Field(
         default=None, description="package.module:function describing a non-text message for the prompt"
     )
+    burst_max_messages: Annotated[int, Field(gt=0, le=100_000)] = Field(
+        default=100,
+        description="The most messages of one burst the agent reads (the newest); the burst still answers all.",
+    )
+    burst_max_chars: Annotated[int, Field(ge=100, le=10_000_000)] = Field(
+        default=16_000,
+        description="The most characters of one burst's prompt lines the agent reads (the newest messages).",
+    )
+    reply_max_parts: Annotated[int, Field(gt=0, le=1000)] = Field(
+        default=10,
+        description="The most WhatsApp messages one reply is sent as; the rest is dropped, the last part ends "
+        "with [...].",
+    )
     human_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0
     human_answered: Literal["skip", "process"] = "skip"
     supersede: bool = False
