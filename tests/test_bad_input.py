@@ -1,5 +1,11 @@
 """Bad input gets a precise answer and loses nothing: a table of hostile and odd webhook bodies, each with the
-status it gets and what it leaves in the database; a property test of the parser; schemathesis over the API."""
+status it gets and what it leaves in the database; a property test of the parser; schemathesis over the API.
+
+Issue 13's classes, each with at least three variants against a real server: 1 bodies that made a 500
+(test_class_1_…), 2 hostile identifiers and text into a URL, a terminal and the log (test_class_2_…), 3 forged
+delivery reports (test_class_3_…), 4 /metrics under load (tests/test_metrics.py, bench/metrics_load.py), 5 slow
+and broken clients (test_slow_and_broken_clients_…), 6 oversize bursts and replies (test_oversize_…), 7 CLI
+edges (test_class_7_…; more in tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -344,3 +350,176 @@ def test_oversize_bursts_and_replies_are_capped(
     assert reply == (case.reply or "")
     assert sql("SELECT last_position, answered_position FROM watibot.conversation") == \
         [(len(case.texts), len(case.texts))], "every message consumed by the burst"
+
+
+# -- the issue's classes (issue 13), each against a real `watibot serve` with its log ------------------------------
+# Class 4 (/metrics load) is bench/metrics_load.py and tests/test_metrics.py; class 5 is
+# test_slow_and_broken_clients_get_408_or_one_debug_line and class 6 test_oversize_bursts_and_replies_are_capped
+# above; class 7 is test_cli_edges_are_usage_errors below. Elsewhere, with more variants: class 2 in
+# tests/test_security.py (WATI path), test_operators.py (terminal), test_logs.py (log lines); class 3 in
+# test_conversations.py; class 7 in test_cli.py.
+
+@dataclass
+class Hostile:
+    name: str
+    payload: bytes
+    status: int
+    answer: dict[str, str] | None = None
+    passkey_in_query: bool = True
+
+
+def raw_event(event: dict[str, Any], **raw: str) -> bytes:
+    """`event` as JSON with fields set to raw JSON tokens (numbers json.dumps cannot or would not write)."""
+    head = json.dumps({key: value for key, value in event.items() if key not in raw})[:-1]
+    return (head + "".join(f', "{key}": {value}' for key, value in raw.items()) + "}").encode()
+
+
+CLASS_1 = [  # bodies that made a 500 an anonymous sender could trigger
+    Hostile("integer of 5,000 digits", with_raw("x", "1" + "0" * 4999), 422),
+    Hostile("timestamp integer of 400 digits", with_raw("timestamp", "9" * 400), 422),
+    Hostile("bsuid of 512 CJK characters", body(bsuid="界" * 512), 422),
+    Hostile("channelPhoneNumber of 512 CJK characters", body(channelPhoneNumber="界" * 512), 422),
+    Hostile("integer of 5,000 digits, passkey in the body", raw_event(
+        {**sample("message-text"), "passkey": PASSKEY}, x="1" + "0" * 4999), 401, passkey_in_query=False),
+    Hostile("bsuid of 512 CJK characters, no passkey at all", body(bsuid="界" * 512), 401, passkey_in_query=False),
+]
+
+
+def _serve_with_log(serve: Callable[..., Any], database_url: str, wati: Any) -> Any:
+    from tests.conftest import serve_environment
+
+    return serve(serve_environment(database_url, wati, WATIBOT_LOG_LEVEL="debug"), workers=1)
+
+
+def _post(url: str, case: Hostile) -> Any:
+    import httpx
+
+    return httpx.post(f"{url}/webhook", content=case.payload, headers={"content-type": "application/json"},
+                      params={"passkey": PASSKEY} if case.passkey_in_query else {}, timeout=10)
+
+
+def _no_traceback(process: Any) -> str:
+    """The serve log, asserting it holds no traceback and no line logged at ERROR."""
+    import re
+
+    log: str = process.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert not [line for line in log.splitlines() if re.match(r"^\S+ \S+ ERROR ", line)], log[-3000:]
+    return log
+
+
+@pytest.mark.processes
+def test_class_1_bodies_that_made_a_500_get_a_precise_4xx_and_store_nothing(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """Huge integers, out-of-range timestamps and identifiers too big for the index get 422 with a passkey, 401
+    without; nothing is stored or sent, and the serve log holds no traceback or error."""
+    process = _serve_with_log(serve, database_url, fake_wati)
+    for case in CLASS_1:
+        response = _post(process.url, case)
+        assert response.status_code == case.status, (case.name, response.text)
+        assert "detail" in response.json()
+    assert sql("SELECT count(*) FROM watibot.message") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.conversation") == [(0,)]
+    assert fake_wati.requests == []
+    _no_traceback(process)
+
+
+@pytest.mark.processes
+def test_class_2_hostile_identifiers_and_text_reach_no_url_terminal_or_log_line(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """A bsuid with `../`, `?`, `#` or a newline and a text with markup and ESC are stored as given (200), reach
+    WATI as one escaped path segment, forge no log line, and print literally in `watibot conversation`."""
+    from urllib.parse import unquote
+
+    from tests.conftest import wait_until
+    from tests.fakes import FakeWati
+    from tests.test_cli import watibot
+
+    hostile_ids = ["../../../evil/x?messageText=INJECTED&localMessageId=9#",
+                   "x\n2026-01-01 00:00:00,000 ERROR watibot.forged[1]: FORGED LINE",
+                   "a/b/../../sendTemplateMessage"]
+    hostile_text = "[/] [link=https://e.example]x[/link] \x1b[2J [bold red]URGENT[/]"
+    process = _serve_with_log(serve, database_url, fake_wati)
+    now = int(time.time())
+    for number, bsuid in enumerate(hostile_ids):
+        event = sample("message-bsuid", bsuid=bsuid, whatsappMessageId=f"wamid.class2.{number}", text=hostile_text,
+                       timestamp=str(now))
+        response = _post(process.url, Hostile("", json.dumps(event).encode(), 200))
+        assert response.json() == {"status": "buffered"}
+    fake_wati.wait_for_sent(len(hostile_ids))
+    prefix = f"/{FakeWati.TENANT}/api/v1/sendSessionMessage/"
+    segments = sorted(unquote(request["path"].removeprefix(prefix)) for request in fake_wati.requests)
+    assert all(request["path"].startswith(prefix) and request["path"].count("/") == prefix.count("/")
+               for request in fake_wati.requests)
+    assert segments == sorted(hostile_ids)
+    assert sorted(row[0] for row in sql("SELECT customer FROM watibot.conversation")) == sorted(hostile_ids)
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'sent'") == [(3,)], what="sent")
+    log = _no_traceback(process)
+    forged = [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    assert forged == [], "a bsuid's newline forged a log line"
+    assert "x\\n2026-01-01 00:00:00,000 ERROR watibot.forged[1]: FORGED LINE" in log  # spelled out, in its line
+    assert "\x1b" not in log
+    story = watibot("conversation", hostile_ids[0], env={"WATIBOT_DATABASE_URL": database_url})
+    assert story.returncode == 0 and "Traceback" not in story.stderr, story.stderr
+    assert "\x1b" not in story.stdout and "[/]" in story.stdout
+
+
+@pytest.mark.processes
+def test_class_3_forged_delivery_reports_move_no_other_customers_burst(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """Failure reports carrying a real localMessageId but naming another customer, nobody, or another channel are
+    answered `ignored`: the burst stays sent, replay still refuses it, and the customer gets no second reply."""
+    from tests.conftest import customer_message, wait_until
+    from tests.test_cli import watibot
+
+    process = _serve_with_log(serve, database_url, fake_wati)
+    assert _post(process.url, Hostile("", json.dumps(customer_message("50376819621", "hi")).encode(), 200)).json() \
+        == {"status": "buffered"}
+    (sent,) = fake_wati.wait_for_sent(1)
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)], what="the burst sent")
+    forged = [{"waId": "50376819699"}, {"waId": None}, {"channelPhoneNumber": "50399999999"},
+              {"waId": "50376819699", "channelPhoneNumber": None, "localMessageId": "1"}]
+    for changes in forged:
+        report = sample("session-message-failed", localMessageId=sent["local_message_id"], waId="50376819621",
+                        channelPhoneNumber="50322220000")
+        report.update(changes)
+        report = {key: value for key, value in report.items() if value is not None}
+        response = _post(process.url, Hostile("", json.dumps(report).encode(), 200))
+        assert response.json() == {"status": "ignored"}, changes
+    assert sql("SELECT status, delivery_status FROM watibot.burst") == [("sent", None)]
+    (burst_id,) = sql("SELECT id FROM watibot.burst")[0]
+    replay = watibot("replay", str(burst_id), env={"WATIBOT_DATABASE_URL": database_url})
+    assert replay.returncode != 0 and "Traceback" not in replay.stderr
+    assert len(fake_wati.sent) == 1 and sql("SELECT count(*) FROM watibot.burst") == [(1,)]
+    _no_traceback(process)
+
+
+CLI_EDGES = [  # class 7: each is a usage error (exit 2) that touches nothing
+    ["replay", "999999999999999999999"],
+    ["dead", "--limit", "99999999999999999999"],
+    ["prune", "--older-than", "30d", "--batch-size", "99999999999999999999"],
+    ["prune", "--older-than", "99999999999d"],
+    ["conversation", "\udcff\udcfe"],
+]
+
+
+def test_class_7_cli_edges_are_usage_errors(database_url: str, sql: Sql) -> None:
+    """Huge ids, limits, batch sizes and ages and a customer that is not UTF-8 exit 2 with a usage message and no
+    traceback, and the database is unchanged; migrating back is refused with exit 1 and the schema stays."""
+    from tests.test_cli import watibot
+    from watibot import db
+
+    snapshot = "SELECT (SELECT count(*) FROM watibot.burst), (SELECT count(*) FROM watibot.message), " \
+               "(SELECT version_num FROM watibot.alembic_version)"
+    before = sql(snapshot)
+    for args in CLI_EDGES:
+        result = watibot(*args, env={"WATIBOT_DATABASE_URL": database_url})
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "error: argument" in result.stderr, args
+    for revision in ("0001_core", "base", "no_such_revision"):
+        result = watibot("migrate", revision, env={"WATIBOT_DATABASE_URL": database_url})
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (revision, result.stderr)
+    assert sql(snapshot) == before == [(0, 0, db.SCHEMA_REVISION)]
