@@ -237,3 +237,33 @@ def test_concurrent_scrapes_share_one_database_reading(run_app: Callable[..., Ru
 
     assert asyncio.run(scrape_all()) == [200] * 30
     assert app.server.config.app.state.metrics_cache.readings == 1  # type: ignore[union-attr]
+
+
+def test_a_flood_of_scrapes_is_paced_and_answered_429_past_the_wait(
+    run_app: Callable[..., RunningApp], database_url: str
+) -> None:
+    """300 scrapes at once on one worker: 20 a second are answered 200 (after one database reading), those whose
+    turn is more than 5 s away get 429 with Retry-After at once; a webhook meanwhile is answered as usual."""
+    import time
+
+    app = run_app(app_settings(database_url, metrics_cache_seconds=120, sweeper=False))
+
+    async def flood() -> tuple[list[httpx.Response], int]:
+        limits = httpx.Limits(max_connections=400)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            scrapes = [asyncio.ensure_future(client.get(f"{app.url}/metrics")) for _ in range(300)]
+            webhook = await client.post(f"{app.url}/webhook", params={"passkey": PASSKEY},
+                                        json=customer_message("50376819621", "during the flood"))
+            return list(await asyncio.gather(*scrapes)), webhook.status_code
+
+    started = time.monotonic()
+    responses, webhook_status = asyncio.run(flood())
+    elapsed = time.monotonic() - started
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) == {200, 429}
+    # 20 at once, then 20 a second up to 5 s ahead of each arrival (arrivals spread over at most `elapsed`)
+    assert 120 <= statuses.count(200) <= 21 + 20 * (5 + elapsed), (statuses.count(200), elapsed)
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.headers["retry-after"] == "5"
+    assert webhook_status == 200
+    assert app.server.config.app.state.metrics_cache.readings == 1  # type: ignore[union-attr]

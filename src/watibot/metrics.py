@@ -278,9 +278,11 @@ def _authorized(request: Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
-                                                              401: {"description": "WATIBOT_METRICS_TOKEN is set and "
-                                                                    "the request does not carry it"}})
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {CONTENT_TYPE_LATEST: {}}},
+    401: {"description": "WATIBOT_METRICS_TOKEN is set and the request does not carry it"},
+    429: {"description": "More scrapes than this worker answers (20 a second) for the next 5 s; see Retry-After"},
+})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of the whole service: database state and every worker's counters."""
     state = request.app.state
