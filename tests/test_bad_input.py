@@ -382,6 +382,8 @@ CLASS_1 = [  # bodies that made a 500 an anonymous sender could trigger
     Hostile("integer of 5,000 digits, passkey in the body", raw_event(
         {**sample("message-text"), "passkey": PASSKEY}, x="1" + "0" * 4999), 401, passkey_in_query=False),
     Hostile("bsuid of 512 CJK characters, no passkey at all", body(bsuid="界" * 512), 401, passkey_in_query=False),
+    Hostile("nested 33 levels, a wrong passkey in the body", nested(33).replace(b'{', b'{"passkey": "wrong", ', 1),
+            401, passkey_in_query=False),
 ]
 
 

@@ -25,7 +25,8 @@ from watibot.payload import (
     OperatorMessage,
     OtherEvent,
     PayloadError,
-    decode_body,
+    check_structure,
+    decode_json,
     parse_event,
 )
 
@@ -196,13 +197,14 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     except ClientDisconnect:
         return _error(400, "client disconnected before sending the whole body"), "disconnected"
     try:
-        event = decode_body(body)
+        event = decode_json(body)  # bounded in size and numbers: the least work before a body passkey is checked
+        if presented is None and not _passkey_matches(event.get("passkey"), expected):
+            return _error(401, "missing or wrong passkey"), None
+        event = check_structure(body, event)
     except PayloadError as error:
         if presented is None:
             return _error(401, "missing or wrong passkey"), None
         return _error(422, str(error)), None
-    if presented is None and not _passkey_matches(event.pop("passkey", None), expected):
-        return _error(401, "missing or wrong passkey"), None
     event.pop("passkey", None)  # a secret: never stored with the payload
 
     try:
