@@ -64,7 +64,8 @@
 --   burst_pkey .................. every step on a burst
 --   burst_conversation_idx ...... the agent's history, `watibot conversation`, message_outcome
 --   burst_problem_idx ........... watibot.dead, health's dead/attention counts
---   burst_finished_idx .......... prune (oldest finished first), health's last hour
+--   burst_finished_idx .......... prune (oldest finished first), health's last hour, the metrics rollup (a range of
+--                                 finish times)
 --   wati_message_pkey ........... a V3 reply's delivery reports and echoes (the ids WATI returned for it)
 --   wati_message_burst_idx ...... prune (deleted with the burst, ON DELETE CASCADE)
 --
@@ -100,6 +101,21 @@ CREATE SCHEMA watibot;
 --
 
 COMMENT ON SCHEMA watibot IS 'watibot: WhatsApp burst buffer coordinated by PostgreSQL.';
+
+
+--
+-- Name: add_to_burst_rollup(text[], text[], bigint[], double precision[], integer); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.add_to_burst_rollup(p_series text[], p_labels text[], p_counts bigint[], p_sums double precision[], p_sign integer) RETURNS void
+    LANGUAGE sql
+    AS $$
+        INSERT INTO watibot.burst_totals_rollup AS r (series, label, count, sum)
+        SELECT t.series, t.label, p_sign * t.count, p_sign * t.sum
+        FROM unnest(p_series, p_labels, p_counts, p_sums) AS t (series, label, count, sum)
+        ORDER BY t.series, t.label
+        ON CONFLICT (series, label) DO UPDATE SET count = r.count + EXCLUDED.count, sum = r.sum + EXCLUDED.sum
+    $$;
 
 
 --
@@ -336,6 +352,291 @@ END $$;
 --
 
 COMMENT ON FUNCTION watibot.burst_messages(p_channel text, p_customer text, p_after bigint, p_through bigint) IS 'The messages after p_after up to p_through, in prompt order (WATI''s timestamp, then arrival).';
+
+
+--
+-- Name: burst_range_totals(timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone) RETURNS TABLE(series text, label text, count bigint, sum double precision)
+    LANGUAGE sql STABLE
+    AS $$
+        SELECT * FROM (
+            SELECT CASE WHEN GROUPING(f.outcome) = 0 THEN 'outcome'
+                        WHEN GROUPING(f.replayed) = 0 THEN 'replayed'
+                        WHEN GROUPING(f.claim_lag_le) = 0 THEN 'claim_lag'
+                        ELSE 'agent_seconds' END AS series,
+                   COALESCE(f.outcome, f.replayed::text, f.claim_lag_le, f.agent_le) AS label,
+                   count(*) AS count,
+                   COALESCE(CASE WHEN GROUPING(f.claim_lag_le) = 0 THEN sum(f.claim_lag_seconds)
+                                 WHEN GROUPING(f.agent_le) = 0 THEN sum(f.agent_seconds) END, 0)::float8 AS sum
+            FROM (
+                SELECT COALESCE(b.replayed_from, b.status) AS outcome,
+                       b.replayed_from IS NOT NULL AS replayed,
+                       EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
+                       EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8)
+                           AS agent_le
+                FROM watibot.burst AS b
+                WHERE b.finished_at >= p_from AND b.finished_at < p_to
+            ) AS f
+            GROUP BY GROUPING SETS ((f.outcome), (f.replayed), (f.claim_lag_le), (f.agent_le))
+        ) AS totals
+        WHERE totals.label IS NOT NULL AND totals.label <> 'false'
+    $$;
+
+
+--
+-- Name: FUNCTION burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_range_totals(p_from timestamp with time zone, p_to timestamp with time zone) IS 'watibot.burst_fact_totals over the bursts finished in [p_from, p_to) (the rollup and /metrics).';
+
+
+--
+-- Name: burst_rollup_correct(); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_rollup_correct() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+    DECLARE
+        v_mark timestamptz;
+    BEGIN
+        SELECT rolled_through INTO v_mark FROM watibot.burst_totals_mark FOR SHARE;
+        IF TG_OP = 'UPDATE' AND OLD.finished_at < v_mark THEN
+            PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
+                                                array_agg(t.sum), -1)
+            FROM watibot.burst_row_totals(ARRAY[OLD]) AS t;
+        END IF;
+        IF NEW.finished_at < v_mark THEN
+            PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
+                                                array_agg(t.sum), 1)
+            FROM watibot.burst_row_totals(ARRAY[NEW]) AS t;
+        END IF;
+        RETURN NULL;
+    END $$;
+
+
+--
+-- Name: FUNCTION burst_rollup_correct(); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_rollup_correct() IS 'Trigger: a finished burst behind the rollup mark changed (replay, delivery report) or was inserted finished: move its totals in burst_totals_rollup.';
+
+
+--
+-- Name: burst_rollup_forget(); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_rollup_forget() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+    DECLARE
+        v_mark timestamptz;
+    BEGIN
+        SELECT rolled_through INTO v_mark FROM watibot.burst_totals_mark FOR SHARE;
+        PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
+                                            array_agg(t.sum), -1)
+        FROM watibot.burst_row_totals(ARRAY(SELECT g::watibot.burst FROM gone AS g
+                                            WHERE g.finished_at < v_mark)) AS t;
+        RETURN NULL;
+    END $$;
+
+
+--
+-- Name: FUNCTION burst_rollup_forget(); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_rollup_forget() IS 'Trigger: bursts behind the rollup mark were deleted (prune folds them into pruned_burst_totals): take their totals out of burst_totals_rollup.';
+
+
+SET default_tablespace = '';
+
+SET default_table_access_method = heap;
+
+--
+-- Name: burst; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.burst (
+    id bigint NOT NULL,
+    channel text NOT NULL,
+    customer text NOT NULL,
+    status text DEFAULT 'processing'::text NOT NULL,
+    prompt text,
+    reply text,
+    reply_parts integer,
+    parts_sent integer DEFAULT 0 NOT NULL,
+    sending_part integer,
+    attempts integer DEFAULT 1 NOT NULL,
+    fence bigint NOT NULL,
+    claimed_by text NOT NULL,
+    error text,
+    due_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    agent_started_at timestamp with time zone,
+    agent_finished_at timestamp with time zone,
+    sent_at timestamp with time zone,
+    finished_at timestamp with time zone,
+    delivery_status text,
+    delivery_error text,
+    delivered_at timestamp with time zone,
+    read_at timestamp with time zone,
+    replayed_from text,
+    after_position bigint DEFAULT 0 NOT NULL,
+    through_position bigint DEFAULT 0 NOT NULL,
+    messages integer DEFAULT 0 NOT NULL,
+    CONSTRAINT burst_status_check CHECK ((status = ANY (ARRAY['processing'::text, 'sending'::text, 'retry'::text, 'sent'::text, 'no_reply'::text, 'dead'::text, 'attention'::text, 'replayed'::text, 'superseded'::text, 'expired'::text, 'human'::text])))
+)
+WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05');
+
+
+--
+-- Name: TABLE burst; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.burst IS 'One row per burst: the messages answered together, the prompt, the reply and how sending went.';
+
+
+--
+-- Name: COLUMN burst.status; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.status IS 'processing (agent running) | sending (reply recorded, parts going out) | retry (waiting to retry) | sent | no_reply (agent chose silence) | dead (gave up, see error) | attention (a send with unknown outcome, or a failed delivery: not re-sent, a human decides) | replayed (messages put back by watibot replay) | superseded (newer messages arrived before sending: reply discarded, messages answered by the next burst) | expired (outside WhatsApp''s 24-hour window: not sent) | human (answered by an operator)';
+
+
+--
+-- Name: COLUMN burst.prompt; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.prompt IS 'The combined text given to the agent.';
+
+
+--
+-- Name: COLUMN burst.reply_parts; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.reply_parts IS 'Number of WATI messages the reply is split into (4096 chars each).';
+
+
+--
+-- Name: COLUMN burst.parts_sent; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.parts_sent IS 'Reply parts WATI accepted; a retry resumes after them.';
+
+
+--
+-- Name: COLUMN burst.sending_part; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.sending_part IS 'Set just before a part is handed to WATI and cleared when the outcome is known. Found set by another worker, the outcome is unknown: the burst goes to attention instead of sending twice.';
+
+
+--
+-- Name: COLUMN burst.fence; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.fence IS 'Conversation fence of the attempt that last worked on this burst.';
+
+
+--
+-- Name: COLUMN burst.claimed_by; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.claimed_by IS 'Worker of the latest attempt.';
+
+
+--
+-- Name: COLUMN burst.due_at; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.due_at IS 'The conversation due_at that started this burst (claim lag = started_at - due_at).';
+
+
+--
+-- Name: COLUMN burst.delivery_status; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.delivery_status IS 'What WATI reported after accepting the reply: delivered | read | replied | failed.';
+
+
+--
+-- Name: COLUMN burst.delivery_error; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.delivery_error IS 'failedCode and failedDetail of a sessionMessageFailed event.';
+
+
+--
+-- Name: COLUMN burst.replayed_from; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.replayed_from IS 'Status (dead or attention) the burst had when `watibot replay` put its messages back in the buffer.';
+
+
+--
+-- Name: COLUMN burst.after_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.after_position IS 'The burst is the messages after this position ...';
+
+
+--
+-- Name: COLUMN burst.through_position; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.through_position IS '... up to and including this one (fixed at the claim).';
+
+
+--
+-- Name: COLUMN burst.messages; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.messages IS 'Number of messages in the burst.';
+
+
+--
+-- Name: burst_row_totals(watibot.burst[]); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.burst_row_totals(p_bursts watibot.burst[]) RETURNS TABLE(series text, label text, count bigint, sum double precision)
+    LANGUAGE sql STABLE
+    AS $$
+        SELECT * FROM (
+            SELECT CASE WHEN GROUPING(f.outcome) = 0 THEN 'outcome'
+                        WHEN GROUPING(f.replayed) = 0 THEN 'replayed'
+                        WHEN GROUPING(f.claim_lag_le) = 0 THEN 'claim_lag'
+                        ELSE 'agent_seconds' END AS series,
+                   COALESCE(f.outcome, f.replayed::text, f.claim_lag_le, f.agent_le) AS label,
+                   count(*) AS count,
+                   COALESCE(CASE WHEN GROUPING(f.claim_lag_le) = 0 THEN sum(f.claim_lag_seconds)
+                                 WHEN GROUPING(f.agent_le) = 0 THEN sum(f.agent_seconds) END, 0)::float8 AS sum
+            FROM (
+                SELECT COALESCE(b.replayed_from, b.status) AS outcome,
+                       b.replayed_from IS NOT NULL AS replayed,
+                       EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8 AS claim_lag_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.started_at - b.due_at)::float8) AS claim_lag_le,
+                       EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8 AS agent_seconds,
+                       watibot.histogram_bucket(EXTRACT(EPOCH FROM b.agent_finished_at - b.agent_started_at)::float8)
+                           AS agent_le
+                FROM unnest(p_bursts) AS b
+                WHERE b.finished_at IS NOT NULL
+            ) AS f
+            GROUP BY GROUPING SETS ((f.outcome), (f.replayed), (f.claim_lag_le), (f.agent_le))
+        ) AS totals
+        WHERE totals.label IS NOT NULL AND totals.label <> 'false'
+    $$;
+
+
+--
+-- Name: FUNCTION burst_row_totals(p_bursts watibot.burst[]); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.burst_row_totals(p_bursts watibot.burst[]) IS 'watibot.burst_fact_totals over burst rows given by value (for the rollup triggers).';
 
 
 --
@@ -596,10 +897,6 @@ END $$;
 COMMENT ON FUNCTION watibot.hand_back(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint) IS 'hand_back: a stopping worker releases its claim, due now; the open burst (if begun) keeps its reply and
 progress and the attempt does not count. false: the fence no longer matches.';
 
-
-SET default_tablespace = '';
-
-SET default_table_access_method = heap;
 
 --
 -- Name: conversation; Type: TABLE; Schema: watibot; Owner: -
@@ -1167,6 +1464,44 @@ may have delivered.';
 
 
 --
+-- Name: roll_up_burst_totals(interval, integer); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.roll_up_burst_totals(p_margin interval, p_max_bursts integer) RETURNS timestamp with time zone
+    LANGUAGE plpgsql
+    AS $$
+    DECLARE
+        v_mark timestamptz;
+        v_through timestamptz := now() - p_margin;
+        v_limit timestamptz;
+    BEGIN
+        -- SKIP LOCKED: another worker is rolling up, or a correction is in progress; try at the next scrape.
+        SELECT rolled_through INTO v_mark FROM watibot.burst_totals_mark FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND OR v_mark >= now() - 2 * p_margin THEN
+            RETURN v_mark;
+        END IF;
+        SELECT b.finished_at INTO v_limit FROM watibot.burst AS b
+        WHERE b.finished_at >= v_mark AND b.finished_at < v_through
+        ORDER BY b.finished_at OFFSET p_max_bursts LIMIT 1;
+        IF v_limit IS NOT NULL AND v_limit > v_mark THEN
+            v_through := v_limit;
+        END IF;
+        PERFORM watibot.add_to_burst_rollup(array_agg(t.series), array_agg(t.label), array_agg(t.count),
+                                            array_agg(t.sum), 1)
+        FROM watibot.burst_range_totals(v_mark, v_through) AS t;
+        UPDATE watibot.burst_totals_mark SET rolled_through = v_through;
+        RETURN v_through;
+    END $$;
+
+
+--
+-- Name: FUNCTION roll_up_burst_totals(p_margin interval, p_max_bursts integer); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.roll_up_burst_totals(p_margin interval, p_max_bursts integer) IS 'Fold the bursts finished between the mark and now() - p_margin (at most about p_max_bursts) into burst_totals_rollup and move the mark; does nothing while the mark is within 2 x p_margin of now(). Returns the mark (NULL when another transaction holds it).';
+
+
+--
 -- Name: alembic_version; Type: TABLE; Schema: watibot; Owner: -
 --
 
@@ -1277,149 +1612,6 @@ COMMENT ON VIEW watibot.buffering IS 'Conversations waiting for their buffer win
 
 
 --
--- Name: burst; Type: TABLE; Schema: watibot; Owner: -
---
-
-CREATE TABLE watibot.burst (
-    id bigint NOT NULL,
-    channel text NOT NULL,
-    customer text NOT NULL,
-    status text DEFAULT 'processing'::text NOT NULL,
-    prompt text,
-    reply text,
-    reply_parts integer,
-    parts_sent integer DEFAULT 0 NOT NULL,
-    sending_part integer,
-    attempts integer DEFAULT 1 NOT NULL,
-    fence bigint NOT NULL,
-    claimed_by text NOT NULL,
-    error text,
-    due_at timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    started_at timestamp with time zone DEFAULT now() NOT NULL,
-    agent_started_at timestamp with time zone,
-    agent_finished_at timestamp with time zone,
-    sent_at timestamp with time zone,
-    finished_at timestamp with time zone,
-    delivery_status text,
-    delivery_error text,
-    delivered_at timestamp with time zone,
-    read_at timestamp with time zone,
-    replayed_from text,
-    after_position bigint DEFAULT 0 NOT NULL,
-    through_position bigint DEFAULT 0 NOT NULL,
-    messages integer DEFAULT 0 NOT NULL,
-    CONSTRAINT burst_status_check CHECK ((status = ANY (ARRAY['processing'::text, 'sending'::text, 'retry'::text, 'sent'::text, 'no_reply'::text, 'dead'::text, 'attention'::text, 'replayed'::text, 'superseded'::text, 'expired'::text, 'human'::text])))
-)
-WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05');
-
-
---
--- Name: TABLE burst; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON TABLE watibot.burst IS 'One row per burst: the messages answered together, the prompt, the reply and how sending went.';
-
-
---
--- Name: COLUMN burst.status; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.status IS 'processing (agent running) | sending (reply recorded, parts going out) | retry (waiting to retry) | sent | no_reply (agent chose silence) | dead (gave up, see error) | attention (a send with unknown outcome, or a failed delivery: not re-sent, a human decides) | replayed (messages put back by watibot replay) | superseded (newer messages arrived before sending: reply discarded, messages answered by the next burst) | expired (outside WhatsApp''s 24-hour window: not sent) | human (answered by an operator)';
-
-
---
--- Name: COLUMN burst.prompt; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.prompt IS 'The combined text given to the agent.';
-
-
---
--- Name: COLUMN burst.reply_parts; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.reply_parts IS 'Number of WATI messages the reply is split into (4096 chars each).';
-
-
---
--- Name: COLUMN burst.parts_sent; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.parts_sent IS 'Reply parts WATI accepted; a retry resumes after them.';
-
-
---
--- Name: COLUMN burst.sending_part; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.sending_part IS 'Set just before a part is handed to WATI and cleared when the outcome is known. Found set by another worker, the outcome is unknown: the burst goes to attention instead of sending twice.';
-
-
---
--- Name: COLUMN burst.fence; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.fence IS 'Conversation fence of the attempt that last worked on this burst.';
-
-
---
--- Name: COLUMN burst.claimed_by; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.claimed_by IS 'Worker of the latest attempt.';
-
-
---
--- Name: COLUMN burst.due_at; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.due_at IS 'The conversation due_at that started this burst (claim lag = started_at - due_at).';
-
-
---
--- Name: COLUMN burst.delivery_status; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.delivery_status IS 'What WATI reported after accepting the reply: delivered | read | replied | failed.';
-
-
---
--- Name: COLUMN burst.delivery_error; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.delivery_error IS 'failedCode and failedDetail of a sessionMessageFailed event.';
-
-
---
--- Name: COLUMN burst.replayed_from; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.replayed_from IS 'Status (dead or attention) the burst had when `watibot replay` put its messages back in the buffer.';
-
-
---
--- Name: COLUMN burst.after_position; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.after_position IS 'The burst is the messages after this position ...';
-
-
---
--- Name: COLUMN burst.through_position; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.through_position IS '... up to and including this one (fixed at the claim).';
-
-
---
--- Name: COLUMN burst.messages; Type: COMMENT; Schema: watibot; Owner: -
---
-
-COMMENT ON COLUMN watibot.burst.messages IS 'Number of messages in the burst.';
-
-
---
 -- Name: burst_id_seq; Type: SEQUENCE; Schema: watibot; Owner: -
 --
 
@@ -1431,6 +1623,43 @@ ALTER TABLE watibot.burst ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: burst_totals_mark; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.burst_totals_mark (
+    singleton boolean DEFAULT true NOT NULL,
+    rolled_through timestamp with time zone NOT NULL,
+    CONSTRAINT burst_totals_mark_singleton_check CHECK (singleton)
+);
+
+
+--
+-- Name: TABLE burst_totals_mark; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.burst_totals_mark IS 'One row: bursts finished before rolled_through are counted in burst_totals_rollup.';
+
+
+--
+-- Name: burst_totals_rollup; Type: TABLE; Schema: watibot; Owner: -
+--
+
+CREATE TABLE watibot.burst_totals_rollup (
+    series text NOT NULL,
+    label text NOT NULL,
+    count bigint NOT NULL,
+    sum double precision NOT NULL
+);
+
+
+--
+-- Name: TABLE burst_totals_rollup; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON TABLE watibot.burst_totals_rollup IS 'Totals (as watibot.burst_fact_totals) of the existing bursts finished before burst_totals_mark.rolled_through: /metrics adds pruned_burst_totals and the bursts finished since.';
 
 
 --
@@ -1802,6 +2031,22 @@ ALTER TABLE ONLY watibot.burst
 
 
 --
+-- Name: burst_totals_mark burst_totals_mark_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.burst_totals_mark
+    ADD CONSTRAINT burst_totals_mark_pkey PRIMARY KEY (singleton);
+
+
+--
+-- Name: burst_totals_rollup burst_totals_rollup_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
+--
+
+ALTER TABLE ONLY watibot.burst_totals_rollup
+    ADD CONSTRAINT burst_totals_rollup_pkey PRIMARY KEY (series, label);
+
+
+--
 -- Name: conversation conversation_pkey; Type: CONSTRAINT; Schema: watibot; Owner: -
 --
 
@@ -1905,6 +2150,27 @@ CREATE UNIQUE INDEX message_position_idx ON watibot.message USING btree (channel
 --
 
 CREATE INDEX wati_message_burst_idx ON watibot.wati_message USING btree (burst_id);
+
+
+--
+-- Name: burst burst_rollup_delete; Type: TRIGGER; Schema: watibot; Owner: -
+--
+
+CREATE TRIGGER burst_rollup_delete AFTER DELETE ON watibot.burst REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION watibot.burst_rollup_forget();
+
+
+--
+-- Name: burst burst_rollup_insert; Type: TRIGGER; Schema: watibot; Owner: -
+--
+
+CREATE TRIGGER burst_rollup_insert AFTER INSERT ON watibot.burst FOR EACH ROW WHEN ((new.finished_at IS NOT NULL)) EXECUTE FUNCTION watibot.burst_rollup_correct();
+
+
+--
+-- Name: burst burst_rollup_update; Type: TRIGGER; Schema: watibot; Owner: -
+--
+
+CREATE TRIGGER burst_rollup_update AFTER UPDATE OF status, replayed_from, finished_at, started_at, due_at, agent_started_at, agent_finished_at ON watibot.burst FOR EACH ROW WHEN (((old.finished_at IS NOT NULL) AND (((((((old.status IS DISTINCT FROM new.status) OR (old.replayed_from IS DISTINCT FROM new.replayed_from)) OR (old.finished_at IS DISTINCT FROM new.finished_at)) OR (old.started_at IS DISTINCT FROM new.started_at)) OR (old.due_at IS DISTINCT FROM new.due_at)) OR (old.agent_started_at IS DISTINCT FROM new.agent_started_at)) OR (old.agent_finished_at IS DISTINCT FROM new.agent_finished_at)))) EXECUTE FUNCTION watibot.burst_rollup_correct();
 
 
 --

@@ -1,9 +1,16 @@
 """Bad input gets a precise answer and loses nothing: a table of hostile and odd webhook bodies, each with the
-status it gets and what it leaves in the database; a property test of the parser; schemathesis over the API."""
+status it gets and what it leaves in the database; a property test of the parser; schemathesis over the API.
+
+Issue 13's classes, each with at least three variants against a real server: 1 bodies that made a 500
+(test_class_1_…), 2 hostile identifiers and text into a URL, a terminal and the log (test_class_2_…), 3 forged
+delivery reports (test_class_3_…), 4 /metrics under load (tests/test_metrics.py, bench/metrics_load.py), 5 slow
+and broken clients (test_slow_and_broken_clients_…), 6 oversize bursts and replies (test_oversize_…), 7 CLI
+edges (test_class_7_…; more in tests/test_cli.py)."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,3 +208,331 @@ def test_parser_keeps_every_customer_message_intact(wa_id: str, text: str, messa
     assert event.provider_message_id == message_id.replace("\x00", "\ufffd").strip()
     assert event.text == text.replace("\x00", "\ufffd")
     assert event.wati_timestamp is not None and int(event.wati_timestamp.timestamp()) == timestamp
+
+
+# -- 5. slow and broken clients, against a real `watibot serve` over raw sockets ---------------------------------
+
+@dataclass
+class SlowClient:
+    name: str
+    head: bytes  # request line and headers, without the blank line
+    sent: bytes  # what of the body is sent before the client stalls or goes away
+    then: str  # "stall": wait for the answer; "close": FIN; "reset": RST
+
+
+def _head(length: int | None, *, chunked: bool = False, passkey_in_query: bool = True) -> bytes:
+    target = f"/webhook?passkey={PASSKEY}" if passkey_in_query else "/webhook"
+    lines = [f"POST {target} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+SLOW_BODY = body(text="slow " * 200)
+SLOW_CLIENTS = [
+    SlowClient("declares 5000 bytes, sends 100 and stalls", _head(5000), SLOW_BODY[:100], "stall"),
+    SlowClient("declares 300 bytes, sends none and stalls", _head(300), b"", "stall"),
+    SlowClient("chunked, one chunk then stalls", _head(None, chunked=True), b"10\r\n" + SLOW_BODY[:16] + b"\r\n",
+               "stall"),
+    SlowClient("declares 5000 bytes, sends 100 and closes", _head(5000), SLOW_BODY[:100], "close"),
+    SlowClient("declares 5000 bytes, sends 4000 and resets", _head(5000), SLOW_BODY[:4000], "reset"),
+    SlowClient("passkey in the body, sends half and closes", _head(len(SLOW_BODY), passkey_in_query=False),
+               SLOW_BODY[: len(SLOW_BODY) // 2], "close"),
+]
+
+
+def _play(port: int, client: SlowClient) -> bytes:
+    """Send the client's bytes; for a stall, read until the server closes (20 s deadline) and return it all."""
+    import socket
+    import struct
+
+    connection = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        connection.sendall(client.head + client.sent)
+        if client.then == "stall":
+            received = b""
+            while chunk := connection.recv(65536):
+                received += chunk
+            return received
+        if client.then == "reset":
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return b""
+    finally:
+        connection.close()
+
+
+@pytest.mark.processes
+def test_slow_and_broken_clients_get_408_or_one_debug_line(
+    serve: Callable[..., Any], database_url: str, sql: Sql
+) -> None:
+    """A body that stalls gets 408 within WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS and its connection closed; a client
+    gone mid-body is one debug line; nothing is stored and the log holds no traceback or error."""
+    from tests.conftest import serve_environment, wait_until
+
+    process = serve(serve_environment(database_url, None, WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS="1",
+                                      WATIBOT_SWEEPER="false", WATIBOT_LOG_LEVEL="debug"), workers=1)
+    for client in SLOW_CLIENTS:
+        started = time.monotonic()
+        received = _play(process.port, client)
+        if client.then == "stall":
+            assert received.startswith(b"HTTP/1.1 408 "), (client.name, received[:200])
+            assert b"body not received within 1 s" in received
+            assert b"connection: close" in received.lower()
+            assert time.monotonic() - started < 15, client.name  # answered at the timeout, then closed
+        else:
+            assert received == b""
+    gone = sum(client.then != "stall" for client in SLOW_CLIENTS)
+
+    def disconnect_lines() -> int | None:
+        lines = process.log_path.read_text().count("webhook answered 400 disconnected")
+        return lines if lines >= gone else None
+
+    assert wait_until(disconnect_lines, timeout=20, what="a debug line per client gone") == gone
+    log = process.log_path.read_text()
+    assert log.count("webhook answered 408 body_timeout") == len(SLOW_CLIENTS) - gone
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert sql("SELECT count(*) FROM watibot.message") == [(0,)]
+
+
+# -- 6. oversize bursts and replies: what the agent reads and what is sent are capped ----------------------------
+
+@dataclass
+class Oversize:
+    name: str
+    texts: list[str]  # the burst's messages, oldest first
+    caps: dict[str, int]
+    reply: str | None  # the agent's reply; None: the fake agent's echo of the texts it got
+    agent_texts: list[str]  # what the agent receives
+    marker: str | None  # the prompt's first line
+    sent_parts: int
+    truncated: bool  # the last part sent ends with the marker
+
+
+LONG_REPLY = " ".join(f"word{number}" for number in range(4000))  # ~35k characters: 9 parts
+OVERSIZE = [
+    Oversize("12 messages, 5 allowed", [f"m{n:02d}" for n in range(12)], {"burst_max_messages": 5}, "ok",
+             [f"m{n:02d}" for n in range(7, 12)],
+             "[watibot: 7 earlier messages of this burst (21 characters) left out, the newest 5 follow]", 1, False),
+    Oversize("6 messages of 50 characters, 120 allowed", [str(n) * 50 for n in range(6)], {"burst_max_chars": 120},
+             "ok", ["4" * 50, "5" * 50],
+             "[watibot: 4 earlier messages of this burst (200 characters) left out, the newest 2 follow]", 1, False),
+    Oversize("one message of 500 characters, 100 allowed", ["x" * 500], {"burst_max_chars": 100}, "ok", ["x" * 100],
+             "[watibot: the last message is cut to its first 100 of 500 characters]", 1, False),
+    Oversize("a 9-part reply, 2 parts allowed", ["tell me everything"], {"reply_max_parts": 2}, LONG_REPLY,
+             ["tell me everything"], None, 2, True),
+    Oversize("a 9-part reply, 1 part allowed", ["tell me everything"], {"reply_max_parts": 1}, LONG_REPLY,
+             ["tell me everything"], None, 1, True),
+    Oversize("a 9-part reply, 9 parts allowed", ["tell me everything"], {"reply_max_parts": 9}, LONG_REPLY,
+             ["tell me everything"], None, 9, False),
+]
+
+
+@pytest.mark.parametrize("case", OVERSIZE, ids=[case.name for case in OVERSIZE])
+def test_oversize_bursts_and_replies_are_capped(
+    run_app: Callable[..., RunningApp], database_url: str, sql: Sql, case: Oversize, fake_wati: Any, fake_agent: Any
+) -> None:
+    """The agent reads the newest messages within the caps after a marker line, every message is consumed, and a
+    reply past WATIBOT_REPLY_MAX_PARTS is cut with a marker; the stored prompt and reply_parts show the caps."""
+    from tests.conftest import customer_message, wait_until
+    from tests.fakes import Answer
+
+    if case.reply is not None:
+        fake_agent.default = lambda request: Answer(body={"reply": case.reply})
+    # Posted to a worker without a sweeper, answered by one started afterwards: one burst, whatever the timing.
+    first = run_app(app_settings(database_url, fake_wati, sweeper=False))
+    now = int(time.time())
+    for number, text in enumerate(case.texts):
+        assert first.post(customer_message("50376819621", text, f"wamid.over.{number}",
+                                           timestamp=str(now - 60 + number))).status_code == 200
+    run_app(app_settings(database_url, fake_wati, agent="http", agent_url=fake_agent.url, **case.caps))
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)], timeout=30, what="the burst sent")
+    (request,) = fake_agent.requests
+    assert [message["text"] for message in request["json"]["messages"]] == case.agent_texts
+    prompt_lines = request["json"]["prompt"].split("\n")
+    if case.marker is None:
+        assert prompt_lines == case.agent_texts
+    else:
+        assert prompt_lines == [case.marker, *case.agent_texts]
+    sent = fake_wati.sent
+    assert len(sent) == case.sent_parts
+    assert all(len(message["text"]) <= 4096 for message in sent)
+    assert sent[-1]["text"].endswith("\n[…]") == case.truncated
+    (prompt, reply, parts, messages), = sql("SELECT prompt, reply, reply_parts, messages FROM watibot.burst")
+    assert (prompt, parts, messages) == (request["json"]["prompt"], case.sent_parts, len(case.texts))
+    assert reply == (case.reply or "")
+    assert sql("SELECT last_position, answered_position FROM watibot.conversation") == \
+        [(len(case.texts), len(case.texts))], "every message consumed by the burst"
+
+
+# -- the issue's classes (issue 13), each against a real `watibot serve` with its log ------------------------------
+# Class 4 (/metrics load) is bench/metrics_load.py and tests/test_metrics.py; class 5 is
+# test_slow_and_broken_clients_get_408_or_one_debug_line and class 6 test_oversize_bursts_and_replies_are_capped
+# above; class 7 is test_cli_edges_are_usage_errors below. Elsewhere, with more variants: class 2 in
+# tests/test_security.py (WATI path), test_operators.py (terminal), test_logs.py (log lines); class 3 in
+# test_conversations.py; class 7 in test_cli.py.
+
+@dataclass
+class Hostile:
+    name: str
+    payload: bytes
+    status: int
+    answer: dict[str, str] | None = None
+    passkey_in_query: bool = True
+
+
+def raw_event(event: dict[str, Any], **raw: str) -> bytes:
+    """`event` as JSON with fields set to raw JSON tokens (numbers json.dumps cannot or would not write)."""
+    head = json.dumps({key: value for key, value in event.items() if key not in raw})[:-1]
+    return (head + "".join(f', "{key}": {value}' for key, value in raw.items()) + "}").encode()
+
+
+CLASS_1 = [  # bodies that made a 500 an anonymous sender could trigger
+    Hostile("integer of 5,000 digits", with_raw("x", "1" + "0" * 4999), 422),
+    Hostile("timestamp integer of 400 digits", with_raw("timestamp", "9" * 400), 422),
+    Hostile("bsuid of 512 CJK characters", body(bsuid="界" * 512), 422),
+    Hostile("channelPhoneNumber of 512 CJK characters", body(channelPhoneNumber="界" * 512), 422),
+    Hostile("integer of 5,000 digits, passkey in the body", raw_event(
+        {**sample("message-text"), "passkey": PASSKEY}, x="1" + "0" * 4999), 401, passkey_in_query=False),
+    Hostile("bsuid of 512 CJK characters, no passkey at all", body(bsuid="界" * 512), 401, passkey_in_query=False),
+    Hostile("nested 33 levels, a wrong passkey in the body", nested(33).replace(b'{', b'{"passkey": "wrong", ', 1),
+            401, passkey_in_query=False),
+]
+
+
+def _serve_with_log(serve: Callable[..., Any], database_url: str, wati: Any) -> Any:
+    from tests.conftest import serve_environment
+
+    return serve(serve_environment(database_url, wati, WATIBOT_LOG_LEVEL="debug"), workers=1)
+
+
+def _post(url: str, case: Hostile) -> Any:
+    import httpx
+
+    return httpx.post(f"{url}/webhook", content=case.payload, headers={"content-type": "application/json"},
+                      params={"passkey": PASSKEY} if case.passkey_in_query else {}, timeout=10)
+
+
+def _no_traceback(process: Any) -> str:
+    """The serve log, asserting it holds no traceback and no line logged at ERROR."""
+    import re
+
+    log: str = process.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert not [line for line in log.splitlines() if re.match(r"^\S+ \S+ ERROR ", line)], log[-3000:]
+    return log
+
+
+@pytest.mark.processes
+def test_class_1_bodies_that_made_a_500_get_a_precise_4xx_and_store_nothing(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """Huge integers, out-of-range timestamps and identifiers too big for the index get 422 with a passkey, 401
+    without; nothing is stored or sent, and the serve log holds no traceback or error."""
+    process = _serve_with_log(serve, database_url, fake_wati)
+    for case in CLASS_1:
+        response = _post(process.url, case)
+        assert response.status_code == case.status, (case.name, response.text)
+        assert "detail" in response.json()
+    assert sql("SELECT count(*) FROM watibot.message") == [(0,)]
+    assert sql("SELECT count(*) FROM watibot.conversation") == [(0,)]
+    assert fake_wati.requests == []
+    _no_traceback(process)
+
+
+@pytest.mark.processes
+def test_class_2_hostile_identifiers_and_text_reach_no_url_terminal_or_log_line(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """A bsuid with `../`, `?`, `#` or a newline and a text with markup and ESC are stored as given (200), reach
+    WATI as one escaped path segment, forge no log line, and print literally in `watibot conversation`."""
+    from urllib.parse import unquote
+
+    from tests.conftest import wait_until
+    from tests.fakes import FakeWati
+    from tests.test_cli import watibot
+
+    hostile_ids = ["../../../evil/x?messageText=INJECTED&localMessageId=9#",
+                   "x\n2026-01-01 00:00:00,000 ERROR watibot.forged[1]: FORGED LINE",
+                   "a/b/../../sendTemplateMessage"]
+    hostile_text = "[/] [link=https://e.example]x[/link] \x1b[2J [bold red]URGENT[/]"
+    process = _serve_with_log(serve, database_url, fake_wati)
+    now = int(time.time())
+    for number, bsuid in enumerate(hostile_ids):
+        event = sample("message-bsuid", bsuid=bsuid, whatsappMessageId=f"wamid.class2.{number}", text=hostile_text,
+                       timestamp=str(now))
+        response = _post(process.url, Hostile("", json.dumps(event).encode(), 200))
+        assert response.json() == {"status": "buffered"}
+    fake_wati.wait_for_sent(len(hostile_ids))
+    prefix = f"/{FakeWati.TENANT}/api/v1/sendSessionMessage/"
+    segments = sorted(unquote(request["path"].removeprefix(prefix)) for request in fake_wati.requests)
+    assert all(request["path"].startswith(prefix) and request["path"].count("/") == prefix.count("/")
+               for request in fake_wati.requests)
+    assert segments == sorted(hostile_ids)
+    assert sorted(row[0] for row in sql("SELECT customer FROM watibot.conversation")) == sorted(hostile_ids)
+    wait_until(lambda: sql("SELECT count(*) FROM watibot.burst WHERE status = 'sent'") == [(3,)], what="sent")
+    log = _no_traceback(process)
+    forged = [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    assert forged == [], "a bsuid's newline forged a log line"
+    assert "x\\n2026-01-01 00:00:00,000 ERROR watibot.forged[1]: FORGED LINE" in log  # spelled out, in its line
+    assert "\x1b" not in log
+    story = watibot("conversation", hostile_ids[0], env={"WATIBOT_DATABASE_URL": database_url})
+    assert story.returncode == 0 and "Traceback" not in story.stderr, story.stderr
+    assert "\x1b" not in story.stdout and "[/]" in story.stdout
+
+
+@pytest.mark.processes
+def test_class_3_forged_delivery_reports_move_no_other_customers_burst(
+    serve: Callable[..., Any], database_url: str, sql: Sql, fake_wati: Any
+) -> None:
+    """Failure reports carrying a real localMessageId but naming another customer, nobody, or another channel are
+    answered `ignored`: the burst stays sent, replay still refuses it, and the customer gets no second reply."""
+    from tests.conftest import customer_message, wait_until
+    from tests.test_cli import watibot
+
+    process = _serve_with_log(serve, database_url, fake_wati)
+    assert _post(process.url, Hostile("", json.dumps(customer_message("50376819621", "hi")).encode(), 200)).json() \
+        == {"status": "buffered"}
+    (sent,) = fake_wati.wait_for_sent(1)
+    wait_until(lambda: sql("SELECT status FROM watibot.burst") == [("sent",)], what="the burst sent")
+    forged = [{"waId": "50376819699"}, {"waId": None}, {"channelPhoneNumber": "50399999999"},
+              {"waId": "50376819699", "channelPhoneNumber": None, "localMessageId": "1"}]
+    for changes in forged:
+        report = sample("session-message-failed", localMessageId=sent["local_message_id"], waId="50376819621",
+                        channelPhoneNumber="50322220000")
+        report.update(changes)
+        report = {key: value for key, value in report.items() if value is not None}
+        response = _post(process.url, Hostile("", json.dumps(report).encode(), 200))
+        assert response.json() == {"status": "ignored"}, changes
+    assert sql("SELECT status, delivery_status FROM watibot.burst") == [("sent", None)]
+    (burst_id,) = sql("SELECT id FROM watibot.burst")[0]
+    replay = watibot("replay", str(burst_id), env={"WATIBOT_DATABASE_URL": database_url})
+    assert replay.returncode != 0 and "Traceback" not in replay.stderr
+    assert len(fake_wati.sent) == 1 and sql("SELECT count(*) FROM watibot.burst") == [(1,)]
+    _no_traceback(process)
+
+
+CLI_EDGES = [  # class 7: each is a usage error (exit 2) that touches nothing
+    ["replay", "999999999999999999999"],
+    ["dead", "--limit", "99999999999999999999"],
+    ["prune", "--older-than", "30d", "--batch-size", "99999999999999999999"],
+    ["prune", "--older-than", "99999999999d"],
+    ["conversation", "\udcff\udcfe"],
+]
+
+
+def test_class_7_cli_edges_are_usage_errors(database_url: str, sql: Sql) -> None:
+    """Huge ids, limits, batch sizes and ages and a customer that is not UTF-8 exit 2 with a usage message and no
+    traceback, and the database is unchanged; migrating back is refused with exit 1 and the schema stays."""
+    from tests.test_cli import watibot
+    from watibot import db
+
+    snapshot = "SELECT (SELECT count(*) FROM watibot.burst), (SELECT count(*) FROM watibot.message), " \
+               "(SELECT version_num FROM watibot.alembic_version)"
+    before = sql(snapshot)
+    for args in CLI_EDGES:
+        result = watibot(*args, env={"WATIBOT_DATABASE_URL": database_url})
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "error: argument" in result.stderr, args
+    for revision in ("0001_core", "base", "no_such_revision"):
+        result = watibot("migrate", revision, env={"WATIBOT_DATABASE_URL": database_url})
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (revision, result.stderr)
+    assert sql(snapshot) == before == [(0, 0, db.SCHEMA_REVISION)]

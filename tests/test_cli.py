@@ -33,6 +33,14 @@ def watibot(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         ("WATIBOT_AGENT", "http", "WATIBOT_AGENT_URL is required"),
         ("WATIBOT_DATABASE_URL", "mysql://x", "WATIBOT_DATABASE_URL"),
         ("WATIBOT_LEASE_SECONDS", "0", "WATIBOT_LEASE_SECONDS"),
+        ("WATIBOT_METRICS_TOKEN", "short", "WATIBOT_METRICS_TOKEN: must be at least 16 characters"),
+        ("WATIBOT_METRICS_TOKEN", "token with spaces in it", "WATIBOT_METRICS_TOKEN: must be printable ASCII"),
+        ("WATIBOT_METRICS_TOKEN", "jeton-métriques-secret", "WATIBOT_METRICS_TOKEN: must be printable ASCII"),
+        ("WATIBOT_METRICS_CACHE_SECONDS", "3600", "WATIBOT_METRICS_CACHE_SECONDS"),
+        ("WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS", "0", "WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS"),
+        ("WATIBOT_BURST_MAX_MESSAGES", "0", "WATIBOT_BURST_MAX_MESSAGES"),
+        ("WATIBOT_BURST_MAX_CHARS", "10", "WATIBOT_BURST_MAX_CHARS"),
+        ("WATIBOT_REPLY_MAX_PARTS", "0", "WATIBOT_REPLY_MAX_PARTS"),
     ],
 )
 def test_invalid_setting_stops_startup_naming_the_variable(variable: str, value: str, message: str) -> None:

@@ -25,8 +25,9 @@ def test_upgrade_downgrade_upgrade(database_url: str, sql: Sql) -> None:
     db.downgrade(database_url, "base")
     assert tables(sql) == ["alembic_version"]
     db.upgrade(database_url)
-    assert tables(sql) == ["alembic_version", "burst", "conversation", "instance_secret", "message",
-                           "pruned_burst_totals", "schema_compatibility", "wati_message"]
+    assert tables(sql) == ["alembic_version", "burst", "burst_totals_mark", "burst_totals_rollup", "conversation",
+                           "instance_secret", "message", "pruned_burst_totals", "schema_compatibility",
+                           "wati_message"]
     assert sql("SELECT version_num FROM watibot.alembic_version") == [(db.SCHEMA_REVISION,)]
 
 

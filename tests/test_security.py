@@ -117,3 +117,32 @@ def test_api_documentation_can_be_turned_off_for_a_public_host(
     assert [app.client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
     assert app.post(customer_message("50376819621", "hello")).status_code == 200
     assert app.client.get("/healthz").status_code == 200
+
+
+def test_a_non_ascii_passkey_works_in_the_query_the_header_and_the_body(
+    run_app: Callable[..., Any], database_url: str, sql: Sql
+) -> None:
+    """A UTF-8 passkey is accepted as a percent-encoded query, a raw UTF-8 header and a body field; its latin-1
+    spelling, a truncated one and invalid UTF-8 in the header are 401."""
+    from tests.conftest import app_settings
+
+    passkey = "clé-secrète-ñandú-日本語"
+    app = run_app(app_settings(database_url, webhook_passkey=passkey, sweeper=False, buffer_seconds=60))
+    url = f"{app.url}/webhook"
+    accepted = [
+        httpx.post(url, params={"passkey": passkey}, json=customer_message("50376819621", "q", "wamid.q")),
+        httpx.post(url, headers={"X-Watibot-Passkey": passkey.encode()},
+                   json=customer_message("50376819621", "h", "wamid.h")),
+        httpx.post(url, json={**customer_message("50376819621", "b", "wamid.b"), "passkey": passkey}),
+    ]
+    assert [response.status_code for response in accepted] == [200, 200, 200], [r.text for r in accepted]
+    refused = [
+        httpx.post(url, headers={"X-Watibot-Passkey": passkey.encode("utf-8").decode("latin-1").encode("utf-8")},
+                   json=customer_message("50376819621", "x1", "wamid.x1")),
+        httpx.post(url, headers={"X-Watibot-Passkey": passkey.encode()[:-1]},
+                   json=customer_message("50376819621", "x2", "wamid.x2")),
+        httpx.post(url, headers={"X-Watibot-Passkey": b"\xff\xfe" + passkey.encode()},
+                   json=customer_message("50376819621", "x3", "wamid.x3")),
+    ]
+    assert [response.status_code for response in refused] == [401, 401, 401]
+    assert sorted(row[0] for row in sql("SELECT text FROM watibot.message")) == ["b", "h", "q"]

@@ -17,7 +17,7 @@ from watibot.ingest import WebhookFastPath
 from watibot.ingest import router as ingest_router
 from watibot.logs import AccessLog, configure_logging, set_worker
 from watibot.loops import Watchdog, exit_wedged
-from watibot.metrics import TimedWatiClient
+from watibot.metrics import MetricsFastPath, TimedWatiClient
 from watibot.metrics import router as metrics_router
 from watibot.pipeline import Pipeline
 from watibot.settings import Settings, load_settings
@@ -89,7 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="watibot", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.include_router(ingest_router)
     app.add_middleware(WebhookFastPath)
-    app.add_middleware(AccessLog)  # outermost: it times the webhook's fast path too
+    app.add_middleware(MetricsFastPath)
+    app.add_middleware(AccessLog)  # outermost: it times the webhook's and the metrics' fast paths too
     app.include_router(metrics_router)
 
     app.add_api_route("/healthz", healthz, methods=["GET"],

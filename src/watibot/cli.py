@@ -54,6 +54,8 @@ def _metrics_directory() -> tuple[str, bool]:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):  # counters of a previous run would be added to this run's
             stale.unlink()
+        for stale in path.glob("metrics-body.*"):  # the workers' shared /metrics body (watibot.metrics)
+            stale.unlink(missing_ok=True)
         return configured, False
     created = tempfile.mkdtemp(prefix="watibot-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = created

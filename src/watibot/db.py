@@ -30,7 +30,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0009_wati_accounts"
+SCHEMA_REVISION = "0010_hardening"
 
 
 def compatibility_problem(code: str, schema: str | None, rows: dict[str, tuple[int, str]]) -> str | None:

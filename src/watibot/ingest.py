@@ -6,6 +6,7 @@ any doubt about the database is a 503, which WATI retries (every 10 minutes, for
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
@@ -13,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from watibot.db import DatabaseError
@@ -23,7 +25,8 @@ from watibot.payload import (
     OperatorMessage,
     OtherEvent,
     PayloadError,
-    decode_body,
+    check_structure,
+    decode_json,
     parse_event,
 )
 
@@ -75,18 +78,20 @@ class BodyTooLarge(Exception):
     """The body exceeded the configured limit."""
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, stopping as soon as it passes `limit` bytes, whatever Content-Length claimed."""
+async def _read_limited(request: Request, limit: int, timeout: float) -> bytes:  # noqa: ASYNC109 - a deadline
+    """Read the body, stopping as soon as it passes `limit` bytes, whatever Content-Length claimed, within
+    `timeout` seconds (TimeoutError past it; ClientDisconnect when the client goes away mid-body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    async with asyncio.timeout(timeout):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -98,6 +103,16 @@ def _query_passkey(query_string: bytes) -> str | None:
     values = [value for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
               if name == "passkey"]
     return values[-1] if values else None
+
+
+def _header_passkey(request: Request) -> str | None:
+    """The X-Watibot-Passkey header read as UTF-8 (Starlette decodes header bytes as latin-1, so a non-ASCII
+    passkey, which works in the query string and the body, would never match in the header). Bytes that are not
+    UTF-8 are kept as surrogates: they match no passkey."""
+    value = request.headers.get(PASSKEY_HEADER)
+    if value is None or value.isascii():
+        return value
+    return value.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def _passkey_matches(given: object, expected: bytes) -> bool:
@@ -113,6 +128,7 @@ def _passkey_matches(given: object, expected: bytes) -> bool:
         200: {"description": 'Stored or acknowledged: {"status": "buffered" | "duplicate" | "paused" | '
                              '"recorded" | "ignored"}'},
         401: {"description": "Missing or wrong passkey"},
+        408: {"description": "Body not received within WATIBOT_WEBHOOK_BODY_TIMEOUT_SECONDS (connection closed)"},
         413: {"description": "Body larger than WATIBOT_WEBHOOK_MAX_BODY_BYTES"},
         415: {"description": "Content-Type is not JSON and neither is the body (a JSON body is accepted whatever "
                              "its Content-Type)"},
@@ -133,7 +149,7 @@ async def answer(request: Request) -> JSONResponse:
     except Exception:
         log.exception("webhook failed with an unexpected error; nothing is known to be stored")
         response, status = _error(500, "internal error; retry later"), None
-    label = count_webhook(response.status_code, status)
+    label = count_webhook(response.status_code, status)  # "disconnected": nobody reads this answer
     if label not in _LOGGED_BY_RECEIVE:  # one debug line per webhook, whatever the answer
         log.debug("webhook answered %d %s", response.status_code, label)
     return response
@@ -165,15 +181,24 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
     expected: bytes = state.passkey
     limit: int = state.settings.webhook_max_body_bytes
 
-    presented = _query_passkey(request.scope["query_string"]) or request.headers.get(PASSKEY_HEADER)
+    presented = _query_passkey(request.scope["query_string"]) or _header_passkey(request)
     if presented is not None and not _passkey_matches(presented, expected):
         return _error(401, "missing or wrong passkey"), None
+    body_timeout: float = state.settings.webhook_body_timeout_seconds
     try:
-        body = await _read_limited(request, limit)
+        body = await _read_limited(request, limit, body_timeout)
     except BodyTooLarge:
         return _error(413, f"body larger than {limit} bytes"), None
+    except TimeoutError:
+        # The connection is closed after this answer: the rest of the body may still be on its way.
+        return _error(408, f"body not received within {body_timeout:g} s", {"Connection": "close"}), None
+    except ClientDisconnect:
+        return _error(400, "client disconnected before sending the whole body"), "disconnected"
     try:
-        event = decode_body(body)
+        event = decode_json(body)  # bounded in size and numbers: the least work before a body passkey is checked
+        if presented is None and not _passkey_matches(event.get("passkey"), expected):
+            return _error(401, "missing or wrong passkey"), None
+        event = check_structure(body, event)
     except PayloadError as error:
         if presented is None:
             return _error(401, "missing or wrong passkey"), None
@@ -182,8 +207,6 @@ async def _receive(request: Request) -> tuple[JSONResponse, str | None]:  # noqa
         if "json" not in request.headers.get("content-type", "application/json").lower():
             return _error(415, "Content-Type must be application/json (and the body is not JSON)"), None
         return _error(422, str(error)), None
-    if presented is None and not _passkey_matches(event.pop("passkey", None), expected):
-        return _error(401, "missing or wrong passkey"), None
     event.pop("passkey", None)  # a secret: never stored with the payload
 
     try:

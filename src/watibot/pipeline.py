@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -13,7 +14,7 @@ from typing import TypeVar
 
 from watibot import metrics
 from watibot.agents import Agent, AgentError, AgentMessage, AgentRequest, Turn, load_callable
-from watibot.clients import HistoryUnavailable, SendRejected, SendUnknown, WatiClient, split_text
+from watibot.clients import WATI_MAX_TEXT, HistoryUnavailable, SendRejected, SendUnknown, WatiClient, split_text
 from watibot.db import DatabaseError, LeaseLost
 from watibot.payload import describe
 from watibot.settings import Settings
@@ -24,9 +25,61 @@ log = logging.getLogger("watibot.pipeline")
 T = TypeVar("T")
 
 
-def build_prompt(messages: list[AgentMessage]) -> str:
-    """The burst as one text: each message on its own line, in order."""
-    return "\n".join(message.description for message in messages)
+def build_prompt(messages: list[AgentMessage], marker: str | None = None) -> str:
+    """The burst as one text: each message on its own line, in order, after the caps' marker line if any."""
+    lines = [message.description for message in messages]
+    return "\n".join([marker, *lines] if marker else lines)
+
+
+def cap_messages(
+    messages: list[AgentMessage], max_messages: int, max_chars: int
+) -> tuple[list[AgentMessage], str | None]:
+    """The newest messages within WATIBOT_BURST_MAX_MESSAGES and WATIBOT_BURST_MAX_CHARS (characters of their
+    prompt lines, newlines included), and the marker line saying what was left out (None when nothing was).
+
+    A newest message longer than the character cap on its own is cut to its first `max_chars` characters. Every
+    message still belongs to the burst and is consumed by it: the cap bounds what the agent reads, not what is
+    answered.
+    """
+    kept: list[AgentMessage] = []
+    chars = 0
+    cut_from = 0
+    for message in reversed(messages):
+        size = len(message.description) + (1 if kept else 0)
+        if len(kept) == max_messages or chars + size > max_chars:
+            if not kept:  # the newest message alone is over the cap
+                cut_from = len(message.description)
+                kept.append(dataclasses.replace(
+                    message, description=message.description[:max_chars],
+                    text=None if message.text is None else message.text[:max_chars]))
+            break
+        kept.append(message)
+        chars += size
+    kept.reverse()
+    left_out = messages[: len(messages) - len(kept)]
+    notes = []
+    if left_out:
+        left_chars = sum(len(message.description) for message in left_out)
+        notes.append(f"{len(left_out)} earlier message{'s' if len(left_out) != 1 else ''} of this burst "
+                     f"({left_chars} characters) left out, the newest {len(kept)} follow")
+    if cut_from:
+        notes.append(f"the last message is cut to its first {max_chars} of {cut_from} characters")
+    return kept, (f"[watibot: {'; '.join(notes)}]" if notes else None)
+
+
+REPLY_TRUNCATED = "\n[…]"
+
+
+def reply_parts(text: str, max_parts: int) -> list[str]:
+    """The reply split into WhatsApp messages, at most WATIBOT_REPLY_MAX_PARTS: past it the rest is dropped and
+    the last part sent ends with REPLY_TRUNCATED. Deterministic: a resumed burst splits its recorded reply the
+    same way."""
+    parts = split_text(text)
+    if len(parts) <= max_parts:
+        return parts
+    kept = parts[:max_parts]
+    kept[-1] = kept[-1][: WATI_MAX_TEXT - len(REPLY_TRUNCATED)] + REPLY_TRUNCATED
+    return kept
 
 
 # Why mark_sending closed a burst instead of marking its first part (watibot.mark_sending).
@@ -232,7 +285,7 @@ class Pipeline:
         """The reply to send, split in parts, and the agent's answer to record if it is new (a previous
         attempt's recorded reply is reused, never regenerated); None when the burst is already closed."""
         if burst.reply is not None:
-            return split_text(burst.reply), None
+            return reply_parts(burst.reply, self.settings.reply_max_parts), None
         messages = [
             AgentMessage(
                 id=message.id,
@@ -249,9 +302,13 @@ class Pipeline:
             pairs = await self.bursts.history(claim, burst, self.settings.history_turns,
                                               self.settings.history_chars)
             history = [Turn(prompt, reply) for prompt, reply in pairs]
+        kept, marker = cap_messages(messages, self.settings.burst_max_messages, self.settings.burst_max_chars)
+        if marker is not None:
+            log.info("burst over its caps: %s", marker,
+                     extra={"conversation": f"{claim.channel}/{claim.customer}", "burst": burst.id})
         request = AgentRequest(
             conversation=f"{claim.channel}/{claim.customer}", wa_id=claim.wa_id, burst_id=burst.id,
-            messages=messages, prompt=build_prompt(messages), history=history,
+            messages=kept, prompt=build_prompt(kept, marker), history=history,
         )
         started = claim.database_now()  # the database clock: hosts' clocks may be skewed
         try:
@@ -263,7 +320,10 @@ class Pipeline:
             silent = RecordedReply(request.prompt, "", 0, started)
             self.schedule_hint(await self.bursts.finish(claim, burst, BurstStatus.NO_REPLY, reply=silent))
             return None
-        parts = split_text(text)
+        parts = reply_parts(text, self.settings.reply_max_parts)
+        if (whole := len(split_text(text))) > len(parts):
+            log.info("reply of %d parts truncated to %d (WATIBOT_REPLY_MAX_PARTS)", whole, len(parts),
+                     extra={"conversation": request.conversation, "burst": burst.id})
         reply = RecordedReply(request.prompt, text, len(parts), started)
         if self.settings.supersede and await self.bursts.should_supersede(claim):
             log.info("newer messages arrived while the agent worked: reply discarded, burst enlarged",

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         description="Secret that WATI sends with each webhook. Unset: one is generated and kept in the database.",
     )
     webhook_max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024
+    webhook_body_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10.0,
+        description="A webhook whose body has not fully arrived this long after its headers gets 408 and its "
+        "connection is closed.",
+    )
     wati_api_url: str | None = Field(
         default=None,
         description="WATI API base including the tenant id, e.g. https://live-mt-server.wati.io/123456. "
@@ -99,6 +104,19 @@ class Settings(BaseSettings):
     media_resolver: str | None = Field(
         default=None, description="package.module:function describing a non-text message for the prompt"
     )
+    burst_max_messages: Annotated[int, Field(gt=0, le=100_000)] = Field(
+        default=100,
+        description="The most messages of one burst the agent reads (the newest); the burst still answers all.",
+    )
+    burst_max_chars: Annotated[int, Field(ge=100, le=10_000_000)] = Field(
+        default=16_000,
+        description="The most characters of one burst's prompt lines the agent reads (the newest messages).",
+    )
+    reply_max_parts: Annotated[int, Field(gt=0, le=1000)] = Field(
+        default=10,
+        description="The most WhatsApp messages one reply is sent as; the rest is dropped, the last part ends "
+        "with [...].",
+    )
     human_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0
     human_answered: Literal["skip", "process"] = "skip"
     supersede: bool = False
@@ -122,6 +140,15 @@ class Settings(BaseSettings):
     api_docs: bool = Field(
         default=True,
         description="Serve the API documentation (/docs, /redoc, /openapi.json); false on a public host.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that GET /metrics requires (Authorization: Bearer ...); unset: /metrics is open.",
+    )
+    metrics_cache_seconds: Annotated[float, Field(ge=0, le=300)] = Field(
+        default=5.0,
+        description="A worker reads the database for /metrics at most this often; scrapes in between (and "
+        "concurrent ones) get the last reading.",
     )
     host_name: str | None = Field(
         default=None, min_length=1, max_length=100, pattern=r"^[^\s:]+$",
@@ -161,6 +188,18 @@ class Settings(BaseSettings):
     def _long_passkey(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_PASSKEY_LENGTH:
             raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_PASSKEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_PASSKEY_LENGTH} characters (use a long random secret)")
+        if not all(33 <= ord(character) <= 126 for character in token):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
         return value
 
     @field_validator("database_url", "migration_database_url")

@@ -7,6 +7,7 @@ views of migrations/schema.sql where one exists, so psql, the CLI and Prometheus
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,8 @@ import asyncpg
 from watibot.db import connection
 from watibot.settings import Settings
 from watibot.store.records import CONSUMING_STATUSES, OPEN_STATUSES, ConversationStory, ReplayRefused, ReplayResult
+
+log = logging.getLogger("watibot.operators")
 
 HEALTH = "SELECT * FROM watibot.health"
 
@@ -43,16 +46,28 @@ ORDER BY owner
 
 # Counters and histograms for /metrics, computed from finished bursts (immutable once finished; a replay only
 # changes status, and outcome reads replayed_from first) plus the totals of pruned bursts, so they only grow.
-# One scan: watibot.burst_fact_totals aggregates outcome, replay and both histograms' buckets together.
+# Constant cost whatever the history (migration 0008): the rollup of the bursts finished before the mark, the
+# totals of pruned bursts, and watibot.burst_range_totals over the few bursts finished since the mark (by
+# burst_finished_idx). A label whose total is 0 (a rollup row emptied by prune) is left out, as before.
 BURST_TOTALS = """
 SELECT series, label, sum(count)::bigint AS count, sum(sum)::float8 AS sum
 FROM (
-    SELECT series, label, count, sum FROM watibot.burst_fact_totals()
+    SELECT series, label, count, sum
+    FROM watibot.burst_range_totals((SELECT rolled_through FROM watibot.burst_totals_mark), 'infinity')
+    UNION ALL
+    SELECT series, label, count, sum FROM watibot.burst_totals_rollup
     UNION ALL
     SELECT series, label, count, sum FROM watibot.pruned_burst_totals
 ) AS totals
 GROUP BY series, label
+HAVING sum(count) <> 0
 """
+
+# Move the rollup's mark (a no-op unless it is more than 2 x ROLLUP_MARGIN old): bursts finished more than
+# ROLLUP_MARGIN ago, at most ROLLUP_BATCH per call (the first scrapes after the upgrade catch up in steps).
+ROLLUP_MARGIN_SECONDS = 300.0
+ROLLUP_BATCH = 50_000
+ROLL_UP = "SELECT watibot.roll_up_burst_totals(make_interval(secs => $1), $2)"
 
 CONVERSATIONS_OF_CUSTOMER = """
 SELECT channel, customer, wa_id, due_at, claimed_by, lease_expires_at, attempts, last_error
@@ -150,12 +165,23 @@ class OperatorStore:
             return [dict(row) for row in await conn.fetch(WORKERS_IN_FLIGHT)]
 
     async def metrics_snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The health row and the burst totals read from one snapshot, so that a scrape is self-consistent."""
-        async with connection(self.pool, self.timeout) as conn, conn.transaction(
-            isolation="repeatable_read", readonly=True
-        ):
-            health = await conn.fetchrow(HEALTH)
-            totals = [dict(row) for row in await conn.fetch(BURST_TOTALS)]
+        """The health row and the burst totals read from one snapshot, so that a scrape is self-consistent.
+
+        First moves the burst totals' rollup mark when it is due (its own short transaction). Every statement
+        runs under a statement timeout of WATIBOT_DB_TIMEOUT_SECONDS: a scrape never holds a connection longer.
+        """
+        timeout_ms = str(max(1, int(self.timeout * 1000)))
+        async with connection(self.pool, self.timeout) as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                    await conn.execute(ROLL_UP, ROLLUP_MARGIN_SECONDS, ROLLUP_BATCH)
+            except asyncpg.PostgresError as error:  # a standby, a timeout: the totals are right without it
+                log.debug("burst totals roll-up skipped: %s", error)
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                health = await conn.fetchrow(HEALTH)
+                totals = [dict(row) for row in await conn.fetch(BURST_TOTALS)]
         assert health is not None
         return dict(health), totals
 
