@@ -800,8 +800,11 @@ CREATE FUNCTION watibot.finish_bursts(p_channels text[], p_customers text[], p_f
     AS $$
 #variable_conflict use_column
 DECLARE
-    done_positions bigint[];
+    done_positions integer[];
     done_statuses text[];
+    released_channels text[];
+    released_customers text[];
+    released_waits float8[];
 BEGIN
     PERFORM watibot.lock_conversations(p_channels, p_customers);
     -- Close each burst that is still its conversation's open one under the caller's fence.
@@ -831,17 +834,23 @@ BEGIN
         WHERE b.id = i.burst_id
         RETURNING i.position, b.status
     )
-    SELECT array_agg(closed.position), array_agg(closed.status) INTO done_positions, done_statuses FROM closed;
+    SELECT array_agg(closed.position::integer), array_agg(closed.status) INTO done_positions, done_statuses FROM closed;
+
+    -- Release what was closed: a statement of its own (a new snapshot sees the closed statuses), its results kept.
+    SELECT array_agg(r.channel), array_agg(r.customer), array_agg(r.wait_seconds)
+    INTO released_channels, released_customers, released_waits
+    FROM watibot.release_claims(
+        ARRAY(SELECT p_channels[d] FROM unnest(done_positions) AS d),
+        ARRAY(SELECT p_customers[d] FROM unnest(done_positions) AS d),
+        ARRAY(SELECT p_burst_ids[d] FROM unnest(done_positions) AS d),
+        ARRAY(SELECT NULL::timestamptz FROM unnest(done_positions) AS d), p_mode, p_window, p_max) AS r;
 
     RETURN QUERY
     WITH done AS (
         SELECT d.position, d.status FROM unnest(done_positions, done_statuses) AS d(position, status)
     ), released AS (
         SELECT r.channel, r.customer, r.wait_seconds
-        FROM watibot.release_claims(
-            ARRAY(SELECT p_channels[done.position::integer] FROM done), ARRAY(SELECT p_customers[done.position::integer] FROM done),
-            ARRAY(SELECT p_burst_ids[done.position::integer] FROM done),
-            ARRAY(SELECT NULL::timestamptz FROM done), p_mode, p_window, p_max) AS r
+        FROM unnest(released_channels, released_customers, released_waits) AS r(channel, customer, wait_seconds)
     )
     SELECT done.position IS NOT NULL, released.wait_seconds, done.status
     FROM unnest(p_channels, p_customers) WITH ORDINALITY AS i(channel, customer, position)
@@ -1197,7 +1206,7 @@ BEGIN
         JOIN watibot.conversation AS c
             ON c.channel = i.channel AND c.customer = i.customer AND c.fence = i.fence AND c.claimed_by = i.owner
            AND c.open_burst_id = i.burst_id
-        WHERE clock_timestamp() <= i.not_after
+        WHERE (i.not_after IS NULL OR clock_timestamp() <= i.not_after)
           AND (i.part > 0 OR (NOT COALESCE(c.paused_until > now(), false)
                               AND watibot.in_session_window(c.last_customer_message_at, p_session_window)))
     ), marks AS (
@@ -1238,14 +1247,13 @@ BEGIN
             outcomes[k] := 'lost';
             CONTINUE;
         END IF;
-        IF clock_timestamp() > r.not_after THEN
+        IF r.not_after IS NOT NULL AND clock_timestamp() > r.not_after THEN
             -- the caller has given up and will not send: a mark now would make the next holder think a send
             -- was in flight
             outcomes[k] := 'late';
             CONTINUE;
         END IF;
-        closing := NULL;
-        IF r.paused_until > now() THEN
+        IF r.part = 0 AND r.paused_until > now() THEN
             IF (SELECT x.after_position < r.answered_position FROM watibot.burst AS x WHERE x.id = r.burst_id) THEN
                 -- A replayed burst (behind the high-water mark): nothing else would answer its messages, so it
                 -- stays open for after the pause; this attempt does not count.
@@ -1259,8 +1267,13 @@ BEGIN
                 CONTINUE;
             END IF;
             closing := 'superseded';
-        ELSE
+        ELSIF r.part = 0 AND NOT watibot.in_session_window(r.last_customer_message_at, p_session_window) THEN
             closing := 'expired';
+        ELSE
+            -- Not reached: the first statement marked every other held row in time. Should a clock step back
+            -- between the two readings, write nothing: the caller does not send an unmarked part.
+            outcomes[k] := 'late';
+            CONTINUE;
         END IF;
         UPDATE watibot.burst AS b SET
             status = closing, sending_part = NULL,

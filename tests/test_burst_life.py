@@ -186,6 +186,39 @@ def test_replay_answers_the_same_messages_in_a_new_burst(
         ("first", "sent"), ("second", "sent")]
 
 
+def test_later_parts_are_marked_whatever_the_pause_the_window_or_a_missing_deadline(
+    database_url: str, sql: Sql
+) -> None:
+    """Part 2 of a half-sent reply is marked (send), never closed by part 1's rules: not when an operator's pause
+    began, the session window closed, or the caller gave no deadline (a closed half-sent burst would be answered
+    again: a second reply)."""
+    make_due(sql, 1)
+
+    async def scenario(stores: Stores) -> list[str]:
+        (claim,) = await stores.claims.claim_due("w", 10)
+        burst = await stores.bursts.begin(claim)
+        assert isinstance(burst, Burst)
+        assert await stores.bursts.mark_sending(claim, burst, 0, RecordedReply("m0", "a" * 5000, 2,
+                                                                                 claim.database_now())) is None
+        await stores.bursts.part_sent(claim, burst, 0)
+        sql("UPDATE watibot.conversation SET paused_until = now() + interval '1 hour', "
+            "last_customer_message_at = now() - interval '25 hours'")
+        outcomes = []
+        for deadline in (None, claim.database_now() + timedelta(seconds=30)):
+            row = await stores.pool.fetchrow(
+                "SELECT * FROM watibot.mark_sending(p_channel => $1, p_customer => $2, p_fence => $3, p_owner => $4, "
+                "p_burst_id => $5, p_part => 1, p_not_after => $6, p_lease => 5, p_cover => 5, "
+                "p_session_window => 86400, p_prompt => NULL, p_reply => NULL, p_reply_parts => NULL, "
+                "p_agent_started_at => NULL, p_mode => 'fixed', p_window => 1, p_max => 1)",
+                claim.channel, claim.customer, claim.fence, claim.owner, burst.id, deadline)
+            outcomes.append(row["outcome"])
+        return outcomes
+
+    assert run(database_url, scenario) == ["send", "send"]
+    assert sql("SELECT status, sending_part, parts_sent, finished_at FROM watibot.burst") == [("sending", 1, 1, None)]
+    assert sql("SELECT answered_position, open_burst_id IS NOT NULL FROM watibot.conversation") == [(0, True)]
+
+
 def test_closed_outcomes_of_the_first_mark_are_records(database_url: str, sql: Sql) -> None:
     """mark_sending on part 1 of a burst whose customer wrote outside the session window closes it as expired and
     says so; nothing is marked in flight."""

@@ -66,7 +66,8 @@ class Claim:
     claimed_at: datetime | None = None  # the database clock at the claim
     through: int = 0  # the conversation's last message position at the claim: the burst ends there
     claimed_monotonic: float = field(default_factory=time.monotonic)  # this host's monotonic clock then
-    begun: Burst | None = None  # the fresh burst the claim began in the same statement (watibot.claim_due)
+    # the fresh burst the claim began in the same statement (watibot.claim_due); not part of the claim's identity
+    begun: Burst | None = field(default=None, compare=False, hash=False)
 
     def database_now(self) -> datetime:
         """The database clock now, as measured from the claim: host clocks may be skewed, elapsed time is not."""
