@@ -24,6 +24,8 @@
 --        │              └─ stopping: hand_back ──> retry (attempt not counted)
 --        │  mark_sending finds: pause (operator wrote) ──> superseded; window closed ──> expired;
 --        │                      caller's deadline passed ──> nothing written (late)
+--        │  with WATIBOT_WINDOW_TEMPLATE, mark_template comes first on part 1: window closed ──> sending the
+--        │  template instead of the reply (burst.template) ──> finish_burst (sent); otherwise mark_sending as above
 --        │  sent, but WATI reported a failed delivery meanwhile ──> attention
 --        └─ finds the open burst with a send in flight (its holder died) ──> attention
 --           finds its attempts used ──> dead; the operator answered ──> human; nothing buffered ──> empty
@@ -48,6 +50,7 @@
 --                                                   (the same range and attempt 1; claim_due for the common case,
 --                                                   begin_burst after a pause, a takeover or an operator answer)
 --   WhatsApp's session window .................... in_session_window(), checked by mark_sending() on part 1
+--                                                   (and by mark_template(), which sends a template outside it)
 --   which statuses answer their messages .......... consumes(); BurstStatus.consumes in Python (a test compares)
 --   open statuses ................................. conversation.open_burst_id points at the open burst; the
 --                                                   CHECK constraint lists every status, as BurstStatus does
@@ -489,6 +492,7 @@ CREATE TABLE watibot.burst (
     after_position bigint DEFAULT 0 NOT NULL,
     through_position bigint DEFAULT 0 NOT NULL,
     messages integer DEFAULT 0 NOT NULL,
+    template text,
     CONSTRAINT burst_status_check CHECK ((status = ANY (ARRAY['processing'::text, 'sending'::text, 'retry'::text, 'sent'::text, 'no_reply'::text, 'dead'::text, 'attention'::text, 'replayed'::text, 'superseded'::text, 'expired'::text, 'human'::text])))
 )
 WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05');
@@ -597,6 +601,13 @@ COMMENT ON COLUMN watibot.burst.through_position IS '... up to and including thi
 --
 
 COMMENT ON COLUMN watibot.burst.messages IS 'Number of messages in the burst.';
+
+
+--
+-- Name: COLUMN burst.template; Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON COLUMN watibot.burst.template IS 'The approved template (WATIBOT_WINDOW_TEMPLATE) sent instead of the reply because the customer''s latest message was outside the session window; NULL: the reply itself (or nothing) was sent.';
 
 
 --
@@ -1314,6 +1325,66 @@ ordinary marks, the rest one by one. Outcomes, in the order given:
              the pause ends (a replayed burst stays open instead, the attempt not counted)
   expired    part 1 only: the customer''s last message is outside the session window; closed, not sent
   lost       the fence no longer matches or the burst is not the open one: nothing changed';
+
+
+--
+-- Name: mark_template(text, text, bigint, text, bigint, timestamp with time zone, double precision, double precision, double precision, text, text, text, integer, timestamp with time zone); Type: FUNCTION; Schema: watibot; Owner: -
+--
+
+CREATE FUNCTION watibot.mark_template(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_template text, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, OUT outcome text) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+    DECLARE
+        c watibot.conversation;
+        b watibot.burst;
+    BEGIN
+        PERFORM watibot.lock_conversations(ARRAY[p_channel], ARRAY[p_customer]);
+        SELECT * INTO c FROM watibot.conversation AS x
+        WHERE x.channel = p_channel AND x.customer = p_customer AND x.fence = p_fence AND x.claimed_by = p_owner
+          AND x.open_burst_id = p_burst_id;
+        IF NOT FOUND THEN
+            outcome := 'lost';
+            RETURN;
+        END IF;
+        IF clock_timestamp() > p_not_after THEN
+            outcome := 'late';  -- the caller has given up and will not send: nothing written
+            RETURN;
+        END IF;
+        SELECT * INTO b FROM watibot.burst WHERE id = p_burst_id;
+        IF b.parts_sent > 0 OR COALESCE(c.paused_until > now(), false)
+           OR (b.template IS NULL AND watibot.in_session_window(c.last_customer_message_at, p_session_window)) THEN
+            outcome := 'reply';  -- the ordinary mark decides (send, paused, expired, lost, late)
+            RETURN;
+        END IF;
+        UPDATE watibot.burst SET
+            status = 'sending', sending_part = 0, template = p_template,
+            prompt = COALESCE(p_prompt, prompt), reply = COALESCE(p_reply, reply),
+            reply_parts = COALESCE(p_reply_parts, reply_parts),
+            agent_started_at = COALESCE(p_agent_started_at, agent_started_at),
+            agent_finished_at = CASE WHEN p_reply IS NOT NULL THEN now() ELSE agent_finished_at END,
+            finished_at = NULL
+        WHERE id = p_burst_id;
+        IF c.lease_expires_at < now() + make_interval(secs => p_cover) THEN
+            UPDATE watibot.conversation SET
+                lease_expires_at = now() + make_interval(secs => p_lease),
+                due_at = now() + make_interval(secs => p_lease)
+            WHERE channel = p_channel AND customer = p_customer;
+        END IF;
+        outcome := 'send';
+    END $$;
+
+
+--
+-- Name: FUNCTION mark_template(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_template text, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, OUT outcome text); Type: COMMENT; Schema: watibot; Owner: -
+--
+
+COMMENT ON FUNCTION watibot.mark_template(p_channel text, p_customer text, p_fence bigint, p_owner text, p_burst_id bigint, p_not_after timestamp with time zone, p_lease double precision, p_cover double precision, p_session_window double precision, p_template text, p_prompt text, p_reply text, p_reply_parts integer, p_agent_started_at timestamp with time zone, OUT outcome text) IS 'mark_template: before the first part of a burst, with WATIBOT_WINDOW_TEMPLATE set. Outcomes:
+  send   the customer''s latest message is outside the session window (or an earlier attempt sent the template
+         way): the reply is recorded (the first time), the burst marked sending part 0 with template p_template,
+         the lease made to cover the send; send the template, not the reply
+  reply  inside the window, paused, or a part already sent: nothing written; mark_sending decides as usual
+  late   the caller''s deadline (p_not_after) passed before this ran: nothing written
+  lost   the fence no longer matches or the burst is not the open one: nothing written';
 
 
 --

@@ -148,10 +148,13 @@ class FakeWati(FakeHttpServer):
     (text, localMessageId and channelPhoneNumber in the query) and V3 `POST /api/ext/v3/conversations/messages/text`
     (JSON `{"target", "text"}`, `target` a phone or `channel:phone`; answers the message with its `id` and
     `local_message_id`, and 409 when the contact has several open conversations and no channel is named).
-    `sent` lists the messages WATI accepted, by either API."""
+    Templates: v1 `POST /{tenant}/api/v1/sendTemplateMessage?whatsappNumber=…` and V3 `POST
+    /api/ext/v3/messageTemplates/send`. `sent` lists the messages WATI accepted, by either API."""
 
     TENANT = "1234"
     V3_SEND = "/api/ext/v3/conversations/messages/text"
+    V1_TEMPLATE = f"/{TENANT}/api/v1/sendTemplateMessage"
+    V3_TEMPLATE = "/api/ext/v3/messageTemplates/send"
 
     def __init__(self) -> None:
         super().__init__()
@@ -170,7 +173,9 @@ class FakeWati(FakeHttpServer):
         entry = {"id": (message["ids"] or [uuid.uuid4().hex[:24]])[0], "text": message["text"], "owner": True,
                  "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "type": "text",
                  "channelPhoneNumber": message["channel"]}
-        if request["path"] == self.V3_SEND:
+        if message.get("template"):
+            entry.update(type="template", template=message["template"])
+        if request["path"] in (self.V3_SEND, self.V3_TEMPLATE):
             entry["local_message_id"] = message["ids"][1] if len(message["ids"]) > 1 else str(uuid.uuid4())
         else:
             entry["localMessageId"] = message["local_message_id"] or str(uuid.uuid4())
@@ -201,6 +206,10 @@ class FakeWati(FakeHttpServer):
 
     def answer(self, request: dict[str, Any]) -> Answer:
         """WATI's answer to a send the test did not script."""
+        if request["path"] == self.V3_TEMPLATE:
+            return Answer(body={"success": True, "broadcast_id": uuid.uuid4().hex[:24], "recipients": [
+                {"target": recipient["target"], "local_message_id": recipient.get("local_message_id")}
+                for recipient in request["json"]["recipients"]]})
         if request["path"] != self.V3_SEND:
             return Answer(body={"result": True, "info": "Message sent"})
         target = request["json"]["target"]
@@ -225,6 +234,22 @@ class FakeWati(FakeHttpServer):
             return [self._message(request) for request in self.requests if self.accepted(request)]
 
     def _message(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One send as WATI took it; a template send (v1 `sendTemplateMessage?whatsappNumber=…` with JSON
+        `{"template_name", "broadcast_name", "parameters", "channel_number"}`, or V3 `messageTemplates/send` with
+        one recipient) has no text and names its `template` and `parameters`."""
+        if request["path"] in (self.V1_TEMPLATE, self.V3_TEMPLATE):
+            body = request["json"]
+            if request["path"] == self.V1_TEMPLATE:
+                wa_id, channel = request["query"]["whatsappNumber"], body.get("channel_number")
+                parameters, local_id = body.get("parameters", []), None
+            else:
+                (recipient,) = body["recipients"]
+                channel, _, wa_id = recipient["target"].rpartition(":")
+                parameters, local_id = recipient.get("custom_params", []), recipient.get("local_message_id")
+            return {"api": "v3" if request["path"] == self.V3_TEMPLATE else "v1", "wa_id": wa_id,
+                    "channel": channel or None, "text": None, "local_message_id": local_id, "ids": [],
+                    "template": body["template_name"], "broadcast_name": body["broadcast_name"],
+                    "parameters": parameters}
         if request["path"] == self.V3_SEND:
             target = request["json"]["target"]
             channel, _, wa_id = target.rpartition(":")

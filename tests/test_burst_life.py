@@ -237,6 +237,28 @@ def test_closed_outcomes_of_the_first_mark_are_records(database_url: str, sql: S
     assert sql("SELECT answered_position, last_position, open_burst_id FROM watibot.conversation") == [(1, 1, None)]
 
 
+def test_mark_template_marks_the_template_only_outside_the_window(database_url: str, sql: Sql) -> None:
+    """mark_template writes nothing while the customer is inside the session window (mark_sending decides) and,
+    outside it, marks part 1 in flight with the template named and the reply recorded."""
+    make_due(sql, 1)
+
+    async def scenario(stores: Stores) -> list[Any]:
+        (claim,) = await stores.claims.claim_due("w", 10)
+        burst = await stores.bursts.begin(claim)
+        assert isinstance(burst, Burst)
+        reply = RecordedReply("m0", "hi", 1, claim.database_now())
+        inside = await stores.bursts.mark_template(claim, burst, "reopen_chat", reply)
+        untouched = await stores.pool.fetchrow("SELECT status, template, reply FROM watibot.burst")
+        await stores.pool.execute(
+            "UPDATE watibot.conversation SET last_customer_message_at = now() - interval '25 hours'")
+        outside = await stores.bursts.mark_template(claim, burst, "reopen_chat", reply)
+        return [inside, tuple(untouched), outside]
+
+    assert run(database_url, scenario) == [False, ("processing", None, None), True]
+    assert sql("SELECT status, sending_part, template, reply FROM watibot.burst") == [
+        ("sending", 0, "reopen_chat", "hi")]
+
+
 def test_webhooks_and_leases_keep_their_connections_while_bursts_hold_the_rest(
     run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
 ) -> None:

@@ -109,6 +109,56 @@ def test_reply_outside_the_24_hour_window_is_not_sent(
     (row,) = wait_until(lambda: sql("SELECT status, error FROM watibot.burst WHERE status = 'expired'"))
     assert "24-hour session window" in row[1]
     assert fake_wati.requests == []
+    assert sql("SELECT template FROM watibot.burst") == [(None,)]
+
+
+@pytest.mark.parametrize("api", ["v1", "v3"])
+def test_outside_the_window_the_configured_template_is_sent_instead_and_recorded(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql, api: str
+) -> None:
+    """With WATIBOT_WINDOW_TEMPLATE set, a burst outside the 24-hour window gets that template (its parameters, on
+    the conversation's number) and no free-form reply, and the burst records it as sent."""
+    app = run_app(app_settings(database_url, fake_wati, wati_api=api, window_template="reopen_chat",
+                               window_template_parameters={"name": "customer", "shop": "Tienda"}))
+    day_ago = int(time.time()) - 25 * 3600
+    app.post(customer_message("50376819621", "late delivery", timestamp=str(day_ago),
+                              channelPhoneNumber="50322220000"))
+    (row,) = wait_until(lambda: sql("SELECT status, template, parts_sent, reply, error FROM watibot.burst "
+                                    "WHERE status NOT IN ('processing', 'sending', 'retry')"))
+    assert row[:3] == ("sent", "reopen_chat", 1) and row[4] is None
+    assert "late delivery" in row[3], "the agent's reply is kept for the record"
+    (sent,) = fake_wati.sent
+    assert (sent["template"], sent["wa_id"], sent["channel"], sent["text"]) == (
+        "reopen_chat", "50376819621", "50322220000", None)
+    assert sent["parameters"] == [{"name": "name", "value": "customer"}, {"name": "shop", "value": "Tienda"}]
+    assert sent["broadcast_name"].startswith("watibot-window-")
+    assert [request["path"] for request in fake_wati.requests] == [
+        FakeWati.V1_TEMPLATE if api == "v1" else FakeWati.V3_TEMPLATE]
+
+
+def test_inside_the_window_the_template_setting_changes_nothing(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
+) -> None:
+    """With WATIBOT_WINDOW_TEMPLATE set, a customer inside the window gets the agent's reply, not the template."""
+    app = run_app(app_settings(database_url, fake_wati, window_template="reopen_chat"))
+    app.post(customer_message("50376819621", "hello"))
+    (sent,) = fake_wati.wait_for_sent(1)
+    assert "hello" in sent["text"] and "template" not in sent
+    wait_until(lambda: sql("SELECT 1 FROM watibot.burst WHERE status = 'sent'"))
+    assert sql("SELECT template, parts_sent FROM watibot.burst") == [(None, 1)]
+
+
+def test_a_template_send_with_an_unknown_outcome_needs_attention_and_is_not_sent_again(
+    run_app: Callable[..., RunningApp], database_url: str, fake_wati: FakeWati, sql: Sql
+) -> None:
+    """A template send whose connection drops is an unknown outcome: attention, one request, no reply sent."""
+    fake_wati.script.append(Answer(drop=True, record=True))
+    app = run_app(app_settings(database_url, fake_wati, window_template="reopen_chat"))
+    app.post(customer_message("50376819621", "late", timestamp=str(int(time.time()) - 25 * 3600)))
+    (row,) = wait_until(lambda: sql("SELECT status, template, error FROM watibot.burst "
+                                    "WHERE status NOT IN ('processing', 'sending', 'retry')"))
+    assert row[:2] == ("attention", "reopen_chat") and "outcome unknown" in row[2]
+    assert len(fake_wati.requests) == 1 and fake_wati.history_requests == []
 
 
 def test_media_resolver_describes_non_text_messages(

@@ -144,6 +144,43 @@ class WatiClient:
                 params["channelPhoneNumber"] = channel
             request = self.session.post(f"{self.base_url}/api/v1/sendSessionMessage/{quote(wa_id, safe='')}",
                                         params=params, headers=headers)
+        status, body = await self._exchange(request, channel)
+        return self._accepted(status, body)
+
+    async def send_template(self, wa_id: str, channel: str, template: str, parameters: dict[str, str],
+                            broadcast_name: str, local_message_id: str) -> None:
+        """Send an approved template to `wa_id` from `channel` (outside the session window, where a free-form
+        message is refused): v1 `POST {api}/api/v1/sendTemplateMessage?whatsappNumber=…` with JSON
+        `{"template_name", "broadcast_name", "parameters": [{"name", "value"}], "channel_number"}`, or V3
+        `POST {host}/api/ext/v3/messageTemplates/send` with one recipient. Raises `SendRejected` or `SendUnknown`
+        exactly as `send_text` does (an unknown outcome is never looked up: the burst needs attention)."""
+        if self.base_url is None:
+            raise SendRejected("WATIBOT_WATI_API_URL is not set: template not sent", permanent=True)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        named = [{"name": name, "value": value} for name, value in parameters.items()]
+        if self.api == "v3":
+            recipient = {"target": f"{channel}:{wa_id}" if channel else wa_id, "local_message_id": local_message_id,
+                         "custom_params": named}
+            request = self.session.post(f"{self.base_url}/api/ext/v3/messageTemplates/send", headers=headers,
+                                        json={"template_name": template, "broadcast_name": broadcast_name,
+                                              "channel": channel or None, "recipients": [recipient]})
+        else:
+            payload: dict[str, Any] = {"template_name": template, "broadcast_name": broadcast_name,
+                                       "parameters": named}
+            if channel:
+                payload["channel_number"] = channel
+            request = self.session.post(f"{self.base_url}/api/v1/sendTemplateMessage",
+                                        params={"whatsappNumber": wa_id}, json=payload, headers=headers)
+        status, body = await self._exchange(request, channel)
+        if isinstance(body, dict) and (body.get("result") is False or body.get("success") is False):
+            info = body.get("info") or body.get("error") or body.get("message") or "no reason given"
+            raise SendRejected(f"WATI refused the template (HTTP {status}): {str(info)[:200]}", permanent=True)
+        if self.api == "v3" and not (isinstance(body, dict) and body.get("success") is True):
+            raise SendUnknown(f"WATI answered HTTP {status} without success: template outcome unknown")
+
+    async def _exchange(self, request: Any, channel: str) -> tuple[int, Any]:
+        """Make one send request: (status, parsed JSON body or None) for a 2xx; otherwise raises `SendRejected`
+        (certainly not sent) or `SendUnknown` (may have reached WATI)."""
         body: Any = None
         try:
             async with request as response:
@@ -162,7 +199,7 @@ class WatiClient:
         except (aiohttp.ClientError, TimeoutError) as error:
             raise SendUnknown(f"WATI send outcome unknown: {type(error).__name__}") from None
         if 200 <= status < 300:
-            return self._accepted(status, body)
+            return status, body
         snippet = text_body[:200].replace("\n", " ")
         if status in GATEWAY_STATUS and not _json_object(text_body):
             # A proxy's page, not WATI's error: the request may have reached WATI before the gateway gave up.

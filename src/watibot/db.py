@@ -30,7 +30,7 @@ from watibot.settings import Settings, load_settings
 
 log = logging.getLogger("watibot.db")
 
-SCHEMA_REVISION = "0010_hardening"
+SCHEMA_REVISION = "0011_window_template"
 
 
 def compatibility_problem(code: str, schema: str | None, rows: dict[str, tuple[int, str]]) -> str | None:

@@ -183,6 +183,15 @@ class Pipeline:
                 self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         for part in range(burst.parts_sent, len(parts)):
             with self._part_in_flight():
+                template = self.settings.window_template
+                if part == 0 and template and await self.bursts.mark_template(claim, burst, template, new_reply):
+                    await self._send_template(claim, burst, template, context)
+                    wait = await self._persist(functools.partial(
+                        self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=1))
+                    log.warning("outside the session window: template %s sent instead of the reply", template,
+                                extra=context)
+                    self.schedule_hint(wait)
+                    return
                 closed = await self.bursts.mark_sending(claim, burst, part, new_reply)
                 new_reply = None
                 if closed is not None:
@@ -203,6 +212,14 @@ class Pipeline:
                     self.bursts.finish, claim, burst, BurstStatus.SENT, parts_sent=len(parts)))
         log.info("burst sent (%d messages, %d parts)", len(burst.messages), len(parts), extra=context)
         self.schedule_hint(wait)
+
+    async def _send_template(self, claim: Claim, burst: Burst, template: str, context: dict[str, object]) -> None:
+        """Send WATIBOT_WINDOW_TEMPLATE in place of the reply. An unknown outcome is not looked up in the history
+        (a template's text is WATI's, not ours to match): SendUnknown, the burst needs attention."""
+        await self.wati.send_template(
+            claim.wa_id or claim.customer, claim.channel, template, self.settings.window_template_parameters,
+            broadcast_name=f"watibot-window-{burst.id}", local_message_id=local_message_id(burst.id, 0, 1))
+        log.info("template %s accepted by WATI", template, extra=context)
 
     async def _send_part(self, claim: Claim, burst: Burst, text: str, part: int, parts: int,
                          context: dict[str, object]) -> tuple[str, ...]:

@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     human_answered: Literal["skip", "process"] = "skip"
     supersede: bool = False
     session_window_hours: Annotated[float, Field(gt=0)] = 24.0
+    window_template: str | None = Field(
+        default=None,
+        description="An approved WATI template sent instead of the reply when the customer's latest message is "
+        "outside the session window (the burst records it in burst.template). Unset: such bursts close expired.",
+    )
+    window_template_parameters: dict[str, str] = Field(
+        default={},
+        description='The template\'s parameters as a JSON object of name to value, e.g. {"name": "customer"}.',
+    )
     concurrency: Annotated[int, Field(gt=0, le=10_000)] = 32
     lease_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_attempts: Annotated[int, Field(gt=0)] = 5
@@ -182,6 +191,11 @@ class Settings(BaseSettings):
         if not _AGENT_CALLABLE.match(value):
             raise ValueError("must be 'package.module:function'")
         return value
+
+    @field_validator("window_template")
+    @classmethod
+    def _template_name(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("webhook_passkey")
     @classmethod

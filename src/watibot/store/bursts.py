@@ -41,6 +41,13 @@ SELECT * FROM watibot.finish_bursts(
     p_mode => $12, p_window => $13, p_max => $14)
 """
 
+MARK_TEMPLATE = """
+SELECT watibot.mark_template(
+    p_channel => $1, p_customer => $2, p_fence => $3, p_owner => $4, p_burst_id => $5, p_not_after => $6,
+    p_lease => $7, p_cover => $8, p_session_window => $9, p_template => $10, p_prompt => $11, p_reply => $12,
+    p_reply_parts => $13, p_agent_started_at => $14)
+"""
+
 PART_SENT = """
 SELECT watibot.part_sent(p_channel => $1, p_customer => $2, p_fence => $3, p_owner => $4, p_burst_id => $5,
                          p_part => $6)
@@ -73,6 +80,7 @@ WHERE c.channel = $1 AND c.customer = $2
 HISTORY = """
 SELECT prompt, reply FROM watibot.burst
 WHERE channel = $1 AND customer = $2 AND id < $3 AND status = 'sent' AND prompt IS NOT NULL AND reply IS NOT NULL
+  AND template IS NULL
 ORDER BY id DESC
 LIMIT $4
 """
@@ -224,6 +232,30 @@ class BurstStore:
                 case outcome:
                     results.append(Closed(outcome, row["wait_seconds"]))
         return results
+
+    async def mark_template(self, claim: Claim, burst: Burst, template: str,
+                            reply: RecordedReply | None = None) -> bool:
+        """Before the first part, with WATIBOT_WINDOW_TEMPLATE set (watibot.mark_template): True when the customer's
+        latest message is outside the session window and the burst is now marked sending `template` instead of
+        the reply (the reply, if new, recorded); False when nothing was written and `mark_sending` decides as
+        usual. Raises `LeaseLost`, or `DatabaseUnavailable` when the mark came after this call's deadline."""
+        s = self.settings
+        margin = min(1.0, self.timeout / 4)
+        not_after = claim.database_now() + timedelta(seconds=self.timeout - margin)
+        row = await self._fetchrow(
+            MARK_TEMPLATE, claim.channel, claim.customer, claim.fence, claim.owner, burst.id, not_after,
+            s.lease_seconds, s.wati_timeout_seconds + 2 * s.db_timeout_seconds, s.session_window_hours * 3600,
+            template, reply.prompt if reply else None, reply.text if reply else None,
+            reply.parts if reply else None, reply.agent_started_at if reply else None)
+        match row[0]:
+            case "send":
+                return True
+            case "reply":
+                return False
+            case "late":
+                raise DatabaseUnavailable("the template mark came after its deadline: not made")
+            case _:
+                raise _lost(claim)
 
     async def part_sent(self, claim: Claim, burst: Burst, part: int) -> None:
         """WATI accepted part `part` (not the last one: `finish` records that)."""
