@@ -55,7 +55,10 @@
 --   open statuses ................................. conversation.open_burst_id points at the open burst; the
 --                                                   CHECK constraint lists every status, as BurstStatus does
 --   max attempts .................................. begin_burst() (a holder died mid-attempt) and fail_burst()
---                                                   (a failed attempt), both against p_max_attempts
+--                                                   (a failed attempt), both against p_max_attempts. A claim that
+--                                                   begins a fresh burst is its first attempt: a holder that dies
+--                                                   right after claiming counts one (a burst that kills its worker
+--                                                   every time ends dead instead of looping)
 --   supersede cap ................................. the store's SHOULD_SUPERSEDE (buffer younger than its max)
 --
 -- Indexes and their readers:
