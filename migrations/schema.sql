@@ -16,7 +16,7 @@
 --   (claim_due begins a fresh burst itself, in the same statement, when nothing else can be in the way: no burst
 --   open, no pause, no operator answer to fold in, a message above the mark; begin_burst handles the rest)
 --
---   begin_burst ──> processing ──(agent)──> mark_sending ──> sending ──> part_sent ──> … ──> finish_burst
+--   begin_burst ──> processing ──(agent)──> mark_sending ──> sending ──> part_sent ──> … ──> finish_bursts
 --        │              │  no reply ──────────────────────────────────────────> no_reply
 --        │              │  newer messages (supersede) ────────────────────────> superseded (buffer kept)
 --        │              │  agent / WATI failure: fail_burst ──> retry ──(due)──> begin_burst
@@ -25,7 +25,9 @@
 --        │  mark_sending finds: pause (operator wrote) ──> superseded; window closed ──> expired;
 --        │                      caller's deadline passed ──> nothing written (late)
 --        │  with WATIBOT_WINDOW_TEMPLATE, mark_template comes first on part 1: window closed ──> sending the
---        │  template instead of the reply (burst.template) ──> finish_burst (sent); otherwise mark_sending as above
+--        │  template instead of the reply (burst.template) ──> finish_bursts (sent); otherwise mark_sending as above
+--        │  a send's outcome unknown (timeout, dropped connection, a gateway's 5xx): the sender reads WATI's
+--        │  history: found ──> recorded as sent; absent after the grace ──> sent once more; unreadable ──> attention
 --        │  sent, but WATI reported a failed delivery meanwhile ──> attention
 --        └─ finds the open burst with a send in flight (its holder died) ──> attention
 --           finds its attempts used ──> dead; the operator answered ──> human; nothing buffered ──> empty
