@@ -229,7 +229,7 @@ def markdown(result: dict[str, Any], stamp: str) -> str:
         "|---|---|---|---|",
         f"| database time of one reading, p50 / max ms | {reading['rollup_reading']['p50_ms']} / "
         f"{reading['rollup_reading']['max_ms']} (health + rollup + {reading['bursts_since_mark']} bursts since the "
-        f"mark) | full recount (before 0008) {reading['full_recount']['p50_ms']} / "
+        f"mark) | full recount (before 0010_hardening) {reading['full_recount']['p50_ms']} / "
         f"{reading['full_recount']['max_ms']} | "
         f"{reading['rollup_reading']['p50_ms'] / reading['full_recount']['p50_ms']:.3f}× |",
         f"| rollup catch-up after the upgrade (one time) | {reading['catch_up_seconds']} s in "

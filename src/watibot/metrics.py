@@ -5,7 +5,7 @@ Two sources, chosen so that no number depends on which worker Prometheus happens
 - **The database**, read at most every WATIBOT_METRICS_CACHE_SECONDS per process (`DatabaseReading`: one
   reading at a time, shared by concurrent scrapes): gauges (conversations by state, overdue lag, buffered
   messages, dead and attention bursts) and the burst counters and histograms (bursts by outcome, claim lag, agent
-  time), computed from finished bursts (a rollup behind a mark plus the bursts finished since, migration 0008)
+  time), computed from finished bursts (a rollup behind a mark plus the bursts finished since, migration 0010_hardening)
   plus `watibot.pruned_burst_totals`. They count the work of every worker on every host, and survive restarts.
   On several hosts, every host reports the same values: aggregate them with `max`.
 - **Events seen only by a process** (webhooks by status, WATI send latency, lease takeovers): prometheus-client's

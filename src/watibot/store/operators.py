@@ -46,7 +46,7 @@ ORDER BY owner
 
 # Counters and histograms for /metrics, computed from finished bursts (immutable once finished; a replay only
 # changes status, and outcome reads replayed_from first) plus the totals of pruned bursts, so they only grow.
-# Constant cost whatever the history (migration 0008): the rollup of the bursts finished before the mark, the
+# Constant cost whatever the history (migration 0010_hardening): the rollup of the bursts finished before the mark, the
 # totals of pruned bursts, and watibot.burst_range_totals over the few bursts finished since the mark (by
 # burst_finished_idx). A label whose total is 0 (a rollup row emptied by prune) is left out, as before.
 BURST_TOTALS = """
