@@ -137,15 +137,22 @@ def template_database(postgres_admin_url: str) -> str:
     return TEMPLATE
 
 
+@contextlib.contextmanager
+def template_copy(admin_url: str, template: str, prefix: str = "test") -> Iterator[str]:
+    """A fresh database copied from the migrated `template` (its DSN), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin_execute(admin_url, f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        admin_execute(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def database_url(postgres_admin_url: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin_execute(postgres_admin_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
-    try:
-        yield with_database(postgres_admin_url, name)
-    finally:
-        admin_execute(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with template_copy(postgres_admin_url, template_database) as url:
+        yield url
 
 
 @pytest.fixture

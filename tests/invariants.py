@@ -25,7 +25,7 @@ from tests.conftest import PASSKEY, wait_until
 from tests.fakes import FakeWati
 
 Sql = Callable[..., list[tuple[Any, ...]]]
-_ECHO_LINE = re.compile(r"^\d+\. (.*)$", re.MULTILINE)
+ECHO_LINE = re.compile(r"^\d+\. (.*)$", re.MULTILINE)
 
 
 def message(wa_id: str, text: str, timestamp: int | None = None) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def check_invariant(sql: Sql, wati: FakeWati, acknowledged: set[str]) -> dict[st
     assert not repeated, f"bursts sent more than once: {repeated}"
     replies_per_text: Counter[str] = Counter()
     for send in accepted:
-        for text in _ECHO_LINE.findall(send["text"] or ""):
+        for text in ECHO_LINE.findall(send["text"] or ""):
             replies_per_text[text] += 1
 
     for text, (burst_id, status) in stored.items():

@@ -7,19 +7,17 @@ and send no reply twice, and reconciliation leaves strictly fewer bursts in `att
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.conftest import ServeProcess, admin_execute, post, serve_environment, sql_on, with_database
+from tests.conftest import ServeProcess, post, serve_environment, sql_on, template_copy
 from tests.fakes import Answer, FakeAgent, FakeWati, echo_reply
-from tests.invariants import _ECHO_LINE, check_invariant, message, wait_drained
+from tests.invariants import ECHO_LINE, check_invariant, message, wait_drained
 
 pytestmark = pytest.mark.processes
 
@@ -74,17 +72,6 @@ class Figures:
     counts: dict[str, int]
 
 
-@contextlib.contextmanager
-def fresh(admin_url: str, template: str) -> Iterator[str]:
-    """A fresh migrated database of the test server, dropped afterwards."""
-    name = f"sendfaults_{uuid.uuid4().hex[:10]}"
-    admin_execute(admin_url, f"CREATE DATABASE {name} TEMPLATE {template}")
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        admin_execute(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def run_faults(processes: Callable[..., ServeProcess], database_url: str, reconcile: str) -> Figures:
     """One serve tree (two workers), CUSTOMERS conversations of two messages each, the injected faults; wait until
     every burst is closed and every send WATI took has been answered (or timed out), then check the invariant."""
@@ -107,7 +94,7 @@ def run_faults(processes: Callable[..., ServeProcess], database_url: str, reconc
         wati.wait_for(lambda requests: len(requests) >= len(wati.arrivals), timeout=30)
         assert not wati.pending, f"faults not injected: {wati.pending}"
         counts = check_invariant(sql, wati, acknowledged)
-        per_text = Counter(text for sent in wati.sent for text in _ECHO_LINE.findall(sent["text"] or ""))
+        per_text = Counter(text for sent in wati.sent for text in ECHO_LINE.findall(sent["text"] or ""))
         (attention,) = sql("SELECT count(*) FROM watibot.burst WHERE status = 'attention'")[0]
         return Figures(int(attention), sum(count - 1 for count in per_text.values() if count > 1),
                        len(wati.requests), len(wati.history_requests), counts)
@@ -118,9 +105,9 @@ def test_reconciliation_pages_fewer_bursts_than_before_and_never_replies_twice(
 ) -> None:
     """With 502/504s, dropped connections and timeouts after WATI recorded the reply, reconciliation on and off
     both keep the invariant with zero duplicate replies, and on leaves strictly fewer bursts in attention."""
-    with fresh(postgres_admin_url, template_database) as url:
+    with template_copy(postgres_admin_url, template_database, "sendfaults") as url:
         on = run_faults(processes, url, reconcile="2")
-    with fresh(postgres_admin_url, template_database) as url:
+    with template_copy(postgres_admin_url, template_database, "sendfaults") as url:
         off = run_faults(processes, url, reconcile="0")
     faulted = len(injected())
     print(f"\nsend faults after WATI recorded the reply, {faulted} of {CUSTOMERS} conversations "

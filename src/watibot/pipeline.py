@@ -74,7 +74,11 @@ def reply_parts(text: str, max_parts: int) -> list[str]:
     """The reply split into WhatsApp messages, at most WATIBOT_REPLY_MAX_PARTS: past it the rest is dropped and
     the last part sent ends with REPLY_TRUNCATED. Deterministic: a resumed burst splits its recorded reply the
     same way."""
-    parts = split_text(text)
+    return cap_parts(split_text(text), max_parts)
+
+
+def cap_parts(parts: list[str], max_parts: int) -> list[str]:
+    """`reply_parts` for a reply already split."""
     if len(parts) <= max_parts:
         return parts
     kept = parts[:max_parts]
@@ -337,9 +341,10 @@ class Pipeline:
             silent = RecordedReply(request.prompt, "", 0, started)
             self.schedule_hint(await self.bursts.finish(claim, burst, BurstStatus.NO_REPLY, reply=silent))
             return None
-        parts = reply_parts(text, self.settings.reply_max_parts)
-        if (whole := len(split_text(text))) > len(parts):
-            log.info("reply of %d parts truncated to %d (WATIBOT_REPLY_MAX_PARTS)", whole, len(parts),
+        whole = split_text(text)
+        parts = cap_parts(whole, self.settings.reply_max_parts)
+        if len(whole) > len(parts):
+            log.info("reply of %d parts truncated to %d (WATIBOT_REPLY_MAX_PARTS)", len(whole), len(parts),
                      extra={"conversation": request.conversation, "burst": burst.id})
         reply = RecordedReply(request.prompt, text, len(parts), started)
         if self.settings.supersede and await self.bursts.should_supersede(claim):
